@@ -1,0 +1,5 @@
+import sys
+
+from gvmrl.cli import main
+
+sys.exit(main())

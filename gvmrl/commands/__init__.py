@@ -1,0 +1,1 @@
+"""Sub-commands of the `gvmrl` CLI (see gvmrl.cli)."""

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv in the repo root with the CPU build of torch and gvmrl (editable, with test extras).
+# Idempotent: when nothing changed since the last run it returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+
+# Reinstall only when the dependency pins changed (the stamp stores the hash of pyproject.toml).
+stamp=.venv/.gvmrl-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first: the CPU wheel on this machine. Asking for torch through the package's
+# dependencies with nothing installed would pull a multi-GB CUDA build instead.
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[test]"
+echo "$want" > "$stamp"
