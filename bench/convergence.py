@@ -1,0 +1,180 @@
+"""Does GVM reach the target accuracy with fewer generated samples than uniform sampling?
+
+Runs {algorithms} x {arms} x {seeds} on one or more built-in tasks, all from the built-in
+checkpoint, then reads each run's held-out accuracy curve through a fitted saturating curve
+(gvmrl.analysis) and reports, per arm, the mean and spread over seeds of the iterations,
+generated samples (pre-samples included) and wall time needed to reach the target accuracy.
+
+Target (per task and algorithm): the accuracy uniform-n reaches at its last iteration, read off
+the fitted curve of its seed-averaged accuracy.
+
+Arms:
+  uniform-n       n = 8 samples per prompt
+  uniform-2n      n = 16: generates as much per iteration as GVM with its pre-samples
+  gvm             N' = 8 pre-samples (not trained on), budget 8 x prompts allocated (the paper)
+  gvm-reuse       as gvm, and the pre-samples are trained on too
+  gvm-incl-2      budget-inclusive: N' = 2 pre-samples (trained on) + 6 x prompts allocated
+  gvm-incl-4      budget-inclusive: N' = 4 pre-samples (trained on) + 4 x prompts allocated
+
+    python bench/convergence.py --seeds 5 --algorithms raft++ grpo --tasks builtin builtin-hard
+    python bench/convergence.py --quick        # a smoke run: 1 seed, 2 arms, 3 iterations
+
+Runs are resumable: rerunning the command skips finished runs and resumes unfinished ones.
+Writes OUT/results.json, OUT/curves-<task>-<algorithm>.png and OUT/BENCHMARKS-section.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gvmrl.analysis import eval_curve, fit_saturating, load_run, plot_curves
+from gvmrl.config import load_config
+from gvmrl.io import write_json, write_text
+from gvmrl.progress import format_table
+from gvmrl.train import train
+
+ARMS: dict[str, list[str]] = {
+    "uniform-n": ["allocation=uniform", "samples_per_prompt=8"],
+    "uniform-2n": ["allocation=uniform", "samples_per_prompt=16"],
+    "gvm": ["allocation=gvm", "gvm.presamples=8", "gvm.budget=BUDGET"],
+    "gvm-reuse": ["allocation=gvm", "gvm.presamples=8", "gvm.budget=BUDGET", "gvm.reuse_presamples=true"],
+    "gvm-incl-2": ["allocation=gvm", "gvm.presamples=2", "gvm.budget=BUDGET", "gvm.budget_inclusive=true",
+                   "gvm.accept_prior=[0.5,0.5]"],
+    "gvm-incl-4": ["allocation=gvm", "gvm.presamples=4", "gvm.budget=BUDGET", "gvm.budget_inclusive=true",
+                   "gvm.accept_prior=[0.5,0.5]"],
+}
+TASKS = {"builtin": ("builtin:train", "builtin:test"), "builtin-hard": ("builtin-hard:train", "builtin-hard:test")}
+COSTS = {"iteration": "iterations", "samples_generated": "samples", "wall_time": "seconds"}
+
+
+def run_config(args, task: str, algorithm: str, arm: str, seed: int):
+    train_data, eval_data = TASKS[task]
+    budget = 8 * args.prompts
+    overrides = [
+        f"algorithm={algorithm}", f"seed={seed}", "model=builtin", f"train_data={train_data}", f"eval_data={eval_data}",
+        f"iterations={args.iterations}", f"prompts_per_iteration={args.prompts}", f"optim.lr={args.lr}",
+        "update.minibatch_by=prompts", f"update.minibatch_size={max(1, args.prompts // 4)}",
+        f"eval.every={args.eval_every}", f"eval.samples={args.eval_samples}", f"data.eval_limit={args.eval_prompts}",
+        "logging.progress=false", "logging.tensorboard=false",
+        *[o.replace("BUDGET", str(budget)) for o in ARMS[arm]],
+    ]
+    if algorithm == "grpo" and ARMS[arm][0] == "allocation=gvm":
+        overrides.append("gvm.min_size=2")  # a GRPO group needs two samples for a non-zero advantage
+    return load_config(None, overrides + args.set)
+
+
+def summarise(runs: dict[str, list[list[dict]]]) -> tuple[float, list[dict]]:
+    """Target from uniform-n's seed-mean curve; per arm, cost-to-target mean/std over seeds."""
+    base = [m for m in runs["uniform-n"] if m]
+    xs = np.mean([eval_curve(m, "iteration")[0] for m in base], axis=0)
+    ys = np.mean([eval_curve(m, "iteration")[1] for m in base], axis=0)
+    target = float(fit_saturating(xs, ys)(xs[-1]))
+    rows = []
+    for arm, seeds in runs.items():
+        seeds = [m for m in seeds if m]
+        row: dict = {"arm": arm, "seeds": len(seeds)}
+        for axis, name in COSTS.items():
+            costs = [fit_saturating(*eval_curve(m, axis)).cost_to_reach(target) for m in seeds]
+            finite = [c for c in costs if math.isfinite(c)]
+            row[f"{name}_to_target"] = float(np.mean(finite)) if len(finite) == len(costs) else math.inf
+            row[f"{name}_to_target_std"] = float(np.std(finite)) if len(finite) == len(costs) else math.nan
+            row[f"{name}_reached"] = f"{len(finite)}/{len(costs)}"
+        iters = [r for m in seeds for r in m if r["iteration"] > 0]
+        row["final_eval_accuracy"] = float(np.mean([m[-1].get("eval_accuracy") or np.nan for m in seeds]))
+        row["optimizer_steps_per_iter"] = float(np.mean([r.get("optimizer_steps", 0) for r in iters]))
+        row["trained_samples_per_iter"] = float(np.mean([r.get("trained_samples", 0) for r in iters]))
+        row["accepted_samples_per_iter"] = float(np.mean([r.get("accepted_samples", 0) for r in iters]))
+        row["generated_per_iter"] = float(np.mean([r.get("samples", 0) + r.get("presamples", 0) for r in iters]))
+        row["alloc_zero_share"] = _mean(iters, "alloc_zero_share")
+        row["alloc_max"] = _mean(iters, "alloc_max")
+        row["corr_p_G"] = _mean(iters, "corr_accept_rate_grad_norm")
+        total = sum(sum(v for k, v in r.items() if k.startswith("time_") and k != "time_eval") for r in iters)
+        row["presample_time_share"] = sum(r.get("time_presample", 0) for r in iters) / total if total else 0.0
+        row["gradnorm_time_share"] = sum(r.get("time_stats", 0) for r in iters) / total if total else 0.0
+        rows.append(row)
+    base_row = rows[0]
+    for row in rows:
+        for name in ("samples", "iterations"):
+            a, b = base_row[f"{name}_to_target"], row[f"{name}_to_target"]
+            row[f"{name}_speedup"] = a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+    return target, rows
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--algorithms", nargs="+", default=["raft++", "grpo"], choices=["raft", "raft++", "grpo"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--eval-prompts", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
+    parser.add_argument("--output-dir", default="bench/results/convergence")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, uniform-n and gvm, 3 iterations")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.arms, args.iterations, args.eval_every, args.eval_prompts = 1, ["uniform-n", "gvm"], 3, 1, 32
+        args.tasks, args.algorithms, args.prompts = ["builtin"], ["raft++"], 8
+    if "uniform-n" not in args.arms:
+        parser.error("--arms must include uniform-n: it defines the target accuracy")
+    args.arms = ["uniform-n"] + [a for a in args.arms if a != "uniform-n"]
+
+    out = Path(args.output_dir)
+    results: dict = {"settings": {k: v for k, v in vars(args).items()}, "groups": []}
+    sections = []
+    for task in args.tasks:
+        for algorithm in args.algorithms:
+            runs: dict[str, list[list[dict]]] = {arm: [] for arm in args.arms}
+            for arm in args.arms:
+                for seed in range(args.seeds):
+                    run_dir = out / task / algorithm / arm / f"seed{seed}"
+                    started = time.perf_counter()
+                    train(run_config(args, task, algorithm, arm, seed), run_dir)
+                    print(f"{task} {algorithm} {arm} seed {seed}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+                    runs[arm].append(load_run(run_dir))
+            target, rows = summarise(runs)
+            plot_curves(runs, out / f"curves-{task}-{algorithm}.png", target=target,
+                        title=f"{algorithm} on {task}: mean over {args.seeds} seeds, band = min..max")
+            results["groups"].append({"task": task, "algorithm": algorithm, "target_accuracy": target, "rows": rows})
+            columns = ["arm", "seeds", "final_eval_accuracy", "iterations_to_target", "iterations_to_target_std",
+                       "samples_to_target", "samples_to_target_std", "seconds_to_target", "samples_speedup",
+                       "iterations_speedup", "generated_per_iter", "optimizer_steps_per_iter",
+                       "accepted_samples_per_iter", "alloc_zero_share", "alloc_max", "corr_p_G",
+                       "presample_time_share", "gradnorm_time_share"]
+            table = format_table(rows, columns)
+            sections.append(f"### {algorithm} on {task} (target accuracy {target:.3f})\n\n```\n{table}\n```\n")
+            print(sections[-1])
+    command = "python bench/convergence.py " + " ".join(sys.argv[1:])
+    write_json(out / "results.json", _json_ready(results))
+    write_text(out / "BENCHMARKS-section.md",
+               f"## Convergence: uniform vs GVM allocation\n\nReproduce: `{command}`\n\n" + "\n".join(sections))
+    print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+if __name__ == "__main__":
+    main()

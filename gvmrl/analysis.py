@@ -1,0 +1,119 @@
+"""Learning-curve analysis shared by `gvmrl demo` and bench/convergence.py.
+
+Held-out accuracy curves are noisy (a few points between evaluations of the same weights), so
+"when did a run reach the target" is read off a fitted curve rather than the first noisy crossing:
+
+    acc(x) = a - b * exp(-x / tau)        (b > 0: rising towards the plateau a)
+
+fitted by least squares, with tau on a log grid and a, b solved linearly for each tau. x is the
+cost axis: iterations, generated samples (pre-samples included) or wall time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gvmrl.tracking import read_metrics
+
+COST_AXES = {
+    "iteration": "EM iterations",
+    "samples_generated": "generated samples (pre-samples included)",
+    "wall_time": "wall time (s)",
+}
+
+
+@dataclass(frozen=True)
+class SaturatingFit:
+    """acc(x) = plateau - drop * exp(-x / tau)."""
+
+    plateau: float
+    drop: float
+    tau: float
+    rmse: float
+
+    def __call__(self, x):
+        return self.plateau - self.drop * np.exp(-np.asarray(x, dtype=np.float64) / self.tau)
+
+    def cost_to_reach(self, target: float) -> float:
+        """Smallest x with acc(x) >= target: 0 if the start is already there, inf if the plateau is not."""
+        if self(0.0) >= target:
+            return 0.0
+        if self.drop <= 0 or self.plateau <= target:
+            return math.inf
+        return -self.tau * math.log((self.plateau - target) / self.drop)
+
+
+def fit_saturating(x, y) -> SaturatingFit:
+    """Least-squares fit of acc(x) = a - b exp(-x/tau); a straight line's limit when tau is large."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size < 2:
+        raise ValueError("need at least two points to fit a learning curve")
+    span = max(float(x.max() - x.min()), 1e-9)
+    best: SaturatingFit | None = None
+    for tau in span * np.logspace(-2, 2, 200):
+        basis = np.stack([np.ones_like(x), -np.exp(-x / tau)], axis=1)
+        (a, b), *_ = np.linalg.lstsq(basis, y, rcond=None)
+        rmse = float(np.sqrt(np.mean((basis @ np.array([a, b]) - y) ** 2)))
+        if best is None or rmse < best.rmse:
+            best = SaturatingFit(float(a), float(b), float(tau), rmse)
+    assert best is not None
+    return best
+
+
+def eval_curve(metrics: list[dict[str, Any]], axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cost, eval accuracy) at every evaluated iteration of a run's metrics rows."""
+    rows = [r for r in metrics if r.get("eval_accuracy") is not None]
+    return (np.array([float(r[axis]) for r in rows]), np.array([float(r["eval_accuracy"]) for r in rows]))
+
+
+def cost_to_target(metrics: list[dict[str, Any]], target: float, axis: str) -> float:
+    """Cost (on `axis`) at which the run's fitted eval-accuracy curve reaches `target`."""
+    x, y = eval_curve(metrics, axis)
+    return fit_saturating(x, y).cost_to_reach(target)
+
+
+def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def plot_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str | Path, *, target: float | None = None,
+                title: str = "") -> None:
+    """One panel per cost axis; each method a line (mean over its seeds) with a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gvmrl.io import atomic_open
+
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(5 * len(COST_AXES), 4), squeeze=False)
+    for ax, (axis, label) in zip(axes[0], COST_AXES.items()):
+        for method, seeds in runs.items():
+            curves = [eval_curve(m, axis) for m in seeds if m]
+            curves = [c for c in curves if c[0].size]
+            if not curves:
+                continue
+            length = min(c[0].size for c in curves)
+            xs = np.mean([c[0][:length] for c in curves], axis=0)
+            ys = np.array([c[1][:length] for c in curves])
+            line = ax.plot(xs, ys.mean(axis=0), marker="o", markersize=3, label=method)[0]
+            if len(curves) > 1:
+                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)

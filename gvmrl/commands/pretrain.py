@@ -1,0 +1,53 @@
+"""`gvmrl pretrain`: supervised warm start of the built-in tiny model (a few CPU minutes).
+
+The result is a normal Hugging Face checkpoint directory; `--output` defaults to the cache
+location that `--model builtin` uses, so `gvmrl pretrain` alone (re)builds the built-in model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output", type=Path, help="checkpoint directory (default: the built-in model's cache)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps (default: gvmrl.pretrain.DEFAULT_STEPS, calibrated)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
+    parser.add_argument(
+        "--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of initialisation and batch order"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gvmrl.io import InputError
+    from gvmrl.models import BUILTIN_VERSION, cache_root
+    from gvmrl.pretrain import DEFAULT_STEPS, pretrain
+
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    for flag, value in (("--steps", steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise InputError(flag, None, "must be >= 1")
+    output = args.output or cache_root() / BUILTIN_VERSION
+    metrics = pretrain(
+        output,
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(json.dumps(metrics, indent=2))
+    print(f"saved checkpoint to {output}")
+    return 0

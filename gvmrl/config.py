@@ -1,0 +1,361 @@
+"""The one typed configuration of a training run: dataclasses, YAML files and `--set` overrides.
+
+    config = load_config("configs/builtin-raftpp-gvm.yaml", ["iterations=20", "gvm.presamples=4"])
+
+Every field has a type, a default and a one-line doc. Unknown keys and values of the wrong type
+fail before any work with a message naming the key; combinations that cannot work fail in
+`validate`. The resolved config is saved as DIR/config.yaml beside every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gvmrl.io import write_text
+
+ALGORITHMS = ("raft", "raft++", "grpo")
+ALLOCATIONS = ("uniform", "gvm")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and how they become model inputs."""
+
+    preset: str | None = None
+    """Dataset preset for train/eval files (math, gsm8k, numina, olympiadbench); None: plain fields."""
+    problem_field: str = "problem"
+    """Field holding the problem text (when no preset)."""
+    answer_field: str = "answer"
+    """Field holding the reference answer (when no preset)."""
+    instruction: str | None = "auto"
+    """Appended to each problem; "auto": none for the built-in model, the \\boxed{} instruction otherwise."""
+    eval_limit: int | None = 128
+    """Evaluate on the first K held-out prompts (None: all)."""
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of responses."""
+
+    engine: str = "hf"
+    """Rollout engine: hf (transformers generate, CPU or GPU) or vllm (GPU, optional extra)."""
+    temperature: float = 1.0
+    """Sampling temperature for training samples and pre-samples."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 96
+    """Response length limit (the paper uses 3072 on Qwen2.5-Math)."""
+    batch_size: int = 512
+    """Sequences per generation batch (HF engine)."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory vLLM may take (it shares the GPU with training)."""
+
+
+@dataclass
+class GVMConfig:
+    """Stage 1-2 of GVM: pre-sampling, per-prompt statistics and the allocation rule."""
+
+    presamples: int = 8
+    """N': pre-samples per prompt used to estimate accept rate p_i and gradient norm G_i."""
+    budget: int | None = None
+    """N: samples per iteration to allocate; None: presamples x prompts_per_iteration."""
+    alpha: float = 1e-3
+    """Regulariser weight in n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1))."""
+    beta: float = 2.0
+    """Regulariser exponent."""
+    min_size: int = 0
+    """Floor on n_i for prompts that get samples at all."""
+    max_size: int | None = None
+    """Cap on n_i; the excess is redistributed (water-filling)."""
+    drop_above: float | None = None
+    """Give 0 samples to prompts with p_i above this."""
+    min_expected_accepts: float | None = None
+    """Give 0 samples to prompts expecting fewer accepted samples than this."""
+    reuse_presamples: bool = False
+    """Also train on the pre-samples (the paper does not)."""
+    budget_inclusive: bool = False
+    """Pre-samples count toward N and are all trained on; only N - N' x prompts is allocated."""
+    accept_prior: tuple[float, float] = (0.0, 0.0)
+    """Beta(a, b) prior for p_i = (accepted + a) / (N' + a + b); helps small N' (e.g. (1, 1))."""
+    grad_params: str = "embed_tokens"
+    """Parameter group of the gradient norm G_i: embed_tokens (the paper's) or lm_head."""
+    grad_batch_size: int = 64
+    """Micro-batch size of the gradient-norm estimation."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-4
+    """Peak learning rate (CALIBRATION: 3e-4 collapsed the built-in model toward easy prompts)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant or cosine."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+
+
+@dataclass
+class LossConfig:
+    """The M-step objective."""
+
+    aggregation: str = "prompt-mean"
+    """Loss reduction: prompt-mean (the paper's 1/|D_i|), token-mean, seq-mean-token-mean, seq-mean-token-sum."""
+    clip_low: float = 0.2
+    """PPO clip range below 1 (RAFT++ and GRPO)."""
+    clip_high: float = 0.2
+    """PPO clip range above 1 (clip-higher: larger, e.g. 0.28-0.3)."""
+    dual_clip: float | None = 3.0
+    """Dual-clip constant for negative advantages (None: off)."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the initial policy (0: no reference model kept)."""
+    kl_kind: str = "k3"
+    """KL estimator: k1, k2, k3 (low-variance, clamped)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    grpo_scale_by_std: bool = True
+    """GRPO: divide centred rewards by the group std (False: Dr. GRPO style)."""
+
+
+@dataclass
+class UpdateConfig:
+    """How the M-step walks over an iteration's samples."""
+
+    epochs: int = 1
+    """Passes over the iteration's training samples."""
+    minibatch_by: str = "prompts"
+    """prompts: a fixed number of optimizer steps per iteration (mini-batches of prompts, each with
+    all its samples); samples: mini-batches of a fixed number of samples (step count varies)."""
+    minibatch_size: int = 64
+    """Prompts (or samples) per optimizer step."""
+    micro_batch_size: int = 128
+    """Sequences per forward/backward (gradient accumulation; memory and CPU speed)."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training."""
+
+    every: int = 5
+    """Evaluate every k iterations (and before the first and after the last); 0: never."""
+    samples: int = 4
+    """Samples per held-out prompt."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides DIR/metrics.jsonl."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events under DIR/tensorboard."""
+    wandb_project: str | None = None
+    """Weights & Biases project (None: off)."""
+    wandb_run_name: str | None = None
+    """Weights & Biases run name."""
+    progress: bool | None = None
+    """Progress bars: None auto (bars on a terminal, plain lines otherwise)."""
+
+
+@dataclass
+class TrainConfig:
+    """One GVM-EM training run (arXiv 2505.02391, Algorithm 1)."""
+
+    algorithm: str = "raft++"
+    """M-step algorithm: raft, raft++ or grpo."""
+    allocation: str = "uniform"
+    """Sample allocation: uniform (n per prompt) or gvm."""
+    iterations: int = 20
+    """EM iterations (each: a batch of prompts, sample, update)."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    model: str = "builtin"
+    """Policy: a local HF checkpoint directory, a hub id, or builtin (the tiny built-in model)."""
+    train_data: str = "builtin"
+    """Training prompts: a file/dataset path, or builtin[:split] / builtin-hard[:split]."""
+    eval_data: str | None = "builtin"
+    """Held-out prompts (None: no evaluation); builtin means the built-in test split."""
+    prompts_per_iteration: int = 64
+    """Prompts per iteration (the paper: 1024)."""
+    samples_per_prompt: int = 8
+    """n for uniform allocation."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    dtype: str = "auto"
+    """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    save_final: bool = True
+    """Write DIR/final as a plain HF checkpoint at the end."""
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    gvm: GVMConfig = field(default_factory=GVMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> TrainConfig:
+        """Reject settings that cannot work, naming the key and the fix."""
+        from gvmrl.losses import AGGREGATION_MODES, KL_ESTIMATORS
+
+        def check(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+
+        check(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        check(self.allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        check(self.iterations >= 0, "iterations", "must be >= 0")
+        check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
+        check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "cpu, cuda[:N] or auto")
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "float32, bfloat16, float16 or auto")
+        check(self.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm")
+        check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0")
+        check(0 < self.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        check(self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        g = self.gvm
+        check(g.presamples >= 1, "gvm.presamples", "must be >= 1")
+        check(g.grad_params in ("embed_tokens", "lm_head"), "gvm.grad_params", "embed_tokens or lm_head")
+        check(min(g.accept_prior) >= 0, "gvm.accept_prior", "Beta prior parameters must be >= 0")
+        check(not (g.budget_inclusive and g.reuse_presamples), "gvm.reuse_presamples",
+              "budget_inclusive already trains on the pre-samples; set only one of them")
+        if self.allocation == "gvm":
+            presampled = g.presamples * self.prompts_per_iteration
+            check(g.budget is None or g.budget >= 0, "gvm.budget", "must be >= 0")
+            check(not g.budget_inclusive or self.gvm_budget >= presampled, "gvm.budget",
+                  f"with budget_inclusive the budget must cover the {presampled} pre-samples")
+        check(self.optim.schedule in ("constant", "cosine"), "optim.schedule", "constant or cosine")
+        check(self.optim.lr > 0, "optim.lr", "must be > 0")
+        check(self.loss.aggregation in AGGREGATION_MODES, "loss.aggregation", f"one of {AGGREGATION_MODES}")
+        check(self.loss.kl_kind in KL_ESTIMATORS, "loss.kl_kind", f"one of {tuple(KL_ESTIMATORS)}")
+        check(self.loss.dual_clip is None or self.loss.dual_clip > 1, "loss.dual_clip", "must be > 1 or null")
+        check(self.update.minibatch_by in ("prompts", "samples"), "update.minibatch_by", "prompts or samples")
+        check(self.update.minibatch_size >= 1, "update.minibatch_size", "must be >= 1")
+        check(self.update.micro_batch_size >= 1, "update.micro_batch_size", "must be >= 1")
+        check(self.update.epochs >= 1, "update.epochs", "must be >= 1")
+        check(self.eval.every >= 0, "eval.every", "must be >= 0")
+        check(self.eval.samples >= 1, "eval.samples", "must be >= 1")
+        return self
+
+    @property
+    def gvm_budget(self) -> int:
+        """N, the samples per iteration under GVM (pre-samples included when budget-inclusive)."""
+        if self.gvm.budget is not None:
+            return self.gvm.budget
+        return self.gvm.presamples * self.prompts_per_iteration
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config key with a bad name, type or value; the message starts with the dotted key."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults, then the YAML file (if any), then `key=value` overrides (dotted keys, YAML values)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        values = loaded
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{override!r}: overrides take the form key=value (e.g. gvm.presamples=4)")
+        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return _build(TrainConfig, values, prefix="").validate()
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    write_text(path, yaml.safe_dump(_yaml_ready(config.to_dict()), sort_keys=False))
+
+
+def _yaml_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _yaml_ready(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_yaml_ready(v) for v in value]
+    return value
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: is a section; set its keys, e.g. {prefix}{name}.KEY=VALUE")
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field type, allowing int -> float, "1e-5" -> float, list -> tuple."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+    if origin is tuple:
+        item_types = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint in (float, str) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value

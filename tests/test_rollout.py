@@ -1,0 +1,233 @@
+"""Rollout engines: log-probs against an independent forward pass, seeding, stops, batching."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from gvmrl.models import builtin_tokenizer
+from gvmrl.rollout import ENGINES, SamplingParams, make_engine
+from gvmrl.rollout.base import check_request, cut_at_stop
+from gvmrl.rollout.hf import plan_batches, sampling_logprobs
+
+PROMPTS = ["1+2=", "Compute (((3+5)*2)-4)", "x", "a=3; b=a*4; what is b?"]
+STOPS = ("7", "8", "9")  # as stop strings: ~3% of random draws end a response
+
+
+def tiny_model(tokenizer, seed: int = 0) -> torch.nn.Module:
+    """A random 2-layer Qwen2 over the built-in character vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return builtin_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer)
+
+
+def forward_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature=1.0):
+    """(T, V) log-softmax(logits / T) at the positions that predict each response token."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + response_ids])).logits[0].float()
+    return torch.log_softmax(logits[len(prompt_ids) - 1 : -1] / temperature, dim=-1)
+
+
+def naive_top_p(logp: list[float], top_p: float) -> list[float]:
+    """Nucleus by a plain loop: add tokens by decreasing probability until mass >= top_p."""
+    order = sorted(range(len(logp)), key=lambda i: -logp[i])
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += math.exp(logp[i])
+    return [logp[i] - math.log(mass) if i in kept else -math.inf for i in range(len(logp))]
+
+
+def test_sampling_logprobs_hand_case():
+    # p = (0.5, 0.3, 0.15, 0.05); top_p 0.75 keeps {0.5, 0.3} (0.5 < 0.75 <= 0.8) ->
+    # (0.625, 0.375, 0, 0); top_p 0.45 keeps the mode alone; top_p 1 keeps everything.
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    q = sampling_logprobs(logits, 1.0, 0.75).exp()[0]
+    torch.testing.assert_close(q, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    mode_only = sampling_logprobs(logits, 1.0, 0.45).exp()[0]
+    torch.testing.assert_close(mode_only, torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(sampling_logprobs(logits, 1.0, 1.0).exp(), logits.exp())
+    # temperature 2: q_i proportional to sqrt(p_i)
+    sqrt_p = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    torch.testing.assert_close(sampling_logprobs(logits, 2.0, 1.0).exp()[0], sqrt_p / sqrt_p.sum())
+
+
+def test_sampling_logprobs_match_naive_top_p():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    for temperature, top_p in [(1.0, 0.9), (0.7, 0.5), (1.3, 0.99)]:
+        fast = sampling_logprobs(logits, temperature, top_p)
+        tempered = torch.log_softmax(logits / temperature, -1)
+        for row, fast_row in zip(tempered.tolist(), fast.tolist()):
+            expected = naive_top_p(row, top_p)
+            assert [math.isinf(v) for v in fast_row] == [math.isinf(v) for v in expected]
+            finite = [(a, b) for a, b in zip(fast_row, expected) if not math.isinf(b)]
+            assert max(abs(a - b) for a, b in finite) < 1e-5
+
+
+def test_logprobs_equal_an_independent_forward_pass(model, tokenizer):
+    engine = make_engine("hf", model, tokenizer, max_batch_sequences=5)
+    params = SamplingParams(max_new_tokens=40, stop=STOPS, seed=3)
+    samples = engine.generate(PROMPTS, [3, 0, 4, 2], params)
+
+    assert [s.prompt_index for s in samples] == [0, 0, 0, 2, 2, 2, 2, 3, 3]
+    assert {s.finish_reason for s in samples} == {"stop", "length"}  # both paths exercised
+    worst = 0.0
+    for s in samples:
+        assert s.prompt_ids == tokenizer.encode(PROMPTS[s.prompt_index], add_special_tokens=False)
+        assert len(s.logprobs) == len(s.response_ids) >= 1
+        expected = forward_logprobs(model, s.prompt_ids, s.response_ids)
+        expected = expected.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        worst = max(worst, (expected - torch.tensor(s.logprobs)).abs().max().item())
+        assert s.text == tokenizer.decode(s.response_ids, skip_special_tokens=True)
+        ended_by_eos = s.response_ids[-1] == tokenizer.eos_token_id
+        ended_by_stop = any(s.text.endswith(d) for d in STOPS)
+        assert s.finish_reason == ("stop" if ended_by_eos or ended_by_stop else "length")
+        if s.finish_reason == "length":
+            assert len(s.response_ids) == params.max_new_tokens
+        # nothing after a stop: no earlier token completed one
+        assert tokenizer.eos_token_id not in s.response_ids[:-1]
+        assert not any(d in s.text[:-1] for d in STOPS)
+    assert worst < 1e-4
+
+
+def test_tempered_nucleus_logprobs_match_forward_pass(model, tokenizer):
+    engine = make_engine("hf", model, tokenizer)
+    params = SamplingParams(temperature=0.7, top_p=0.6, max_new_tokens=12, seed=0)
+    for s in engine.generate(PROMPTS[:2], [2, 2], params):
+        full = forward_logprobs(model, s.prompt_ids, s.response_ids, params.temperature)
+        for t, token in enumerate(s.response_ids):
+            expected = naive_top_p(full[t].tolist(), params.top_p)
+            assert not math.isinf(expected[token])  # drawn from inside the nucleus
+            assert abs(expected[token] - s.logprobs[t]) < 1e-4
+
+
+def test_seed_makes_sampling_reproducible(model, tokenizer):
+    engine = make_engine("hf", model, tokenizer, max_batch_sequences=3)
+    params = SamplingParams(max_new_tokens=16, seed=11)
+    first = engine.generate(PROMPTS, [2, 1, 2, 2], params)
+    again = engine.generate(PROMPTS, [2, 1, 2, 2], params)
+    other = engine.generate(PROMPTS, [2, 1, 2, 2], SamplingParams(max_new_tokens=16, seed=12))
+    assert [s.response_ids for s in first] == [s.response_ids for s in again]
+    assert [s.logprobs for s in first] == [s.logprobs for s in again]
+    assert [s.response_ids for s in first] != [s.response_ids for s in other]
+
+
+def test_greedy_is_independent_of_batching(model, tokenizer):
+    # Left padding and dropping finished rows must not change what a sequence sees: greedy
+    # decoding one sequence per batch and all in one batch give the same tokens.
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, stop=("5",))
+    one_per_batch = make_engine("hf", model, tokenizer, max_batch_sequences=1)
+    alone = one_per_batch.generate(PROMPTS, [1] * 4, params)
+    together = make_engine("hf", model, tokenizer).generate(PROMPTS, [1] * 4, params)
+    assert [s.response_ids for s in alone] == [s.response_ids for s in together]
+    for s in together:
+        assert s.logprobs == [0.0] * len(s.response_ids)
+        full = forward_logprobs(model, s.prompt_ids, s.response_ids)
+        assert full.argmax(-1).tolist() == s.response_ids
+
+
+def test_restores_training_mode_and_samples_in_eval_mode(tokenizer):
+    model = tiny_model(tokenizer).train()
+    modes = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    make_engine("hf", model, tokenizer).generate(["1+1="], [2], SamplingParams(max_new_tokens=3))
+    hook.remove()
+    assert modes and not any(modes)
+    assert model.training
+
+
+def test_zero_samples_and_bad_requests(model, tokenizer):
+    engine = make_engine("hf", model, tokenizer)
+    assert engine.generate(PROMPTS[:2], [0, 0], SamplingParams(max_new_tokens=4)) == []
+    with pytest.raises(ValueError, match="must match"):
+        check_request(PROMPTS, [1])
+    with pytest.raises(ValueError, match=">= 0"):
+        check_request(PROMPTS[:1], [-1])
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        make_engine("nope", model, tokenizer)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+def test_sync_weights_samples_from_the_new_model(model, tokenizer):
+    engine = make_engine("hf", model, tokenizer)
+    other = tiny_model(tokenizer, seed=1)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    engine.sync_weights(other)
+    synced = engine.generate(PROMPTS[:1], [1], params)[0]
+    expected = make_engine("hf", other, tokenizer).generate(PROMPTS[:1], [1], params)[0]
+    assert synced.response_ids == expected.response_ids
+
+
+def test_plan_batches_respects_caps_and_covers_every_sequence():
+    lengths = [5, 9, 3, 9, 7, 1, 4]
+    for max_sequences, max_tokens in [(3, None), (10, 60), (2, 40), (7, 1)]:
+        batches = plan_batches(lengths, 10, max_sequences, max_tokens)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            assert len(b) <= max_sequences
+            width = max(lengths[i] for i in b) + 10
+            assert len(b) == 1 or max_tokens is None or width * len(b) <= max_tokens
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("a=1. b=2.", ("b=", "=2")) == 7  # "b=" ends at 7, "=2" at 8
+    assert cut_at_stop("abc", ("x",)) is None
+    assert cut_at_stop("abc", ()) is None
+
+
+def test_engines_are_registered():
+    assert set(ENGINES) == {"hf", "vllm"}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="vLLM engine needs CUDA and the vllm extra",
+)
+def test_vllm_engine_matches_interface_and_syncs_weights(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    engine = make_engine(
+        "vllm", model, tokenizer, model_path=str(tmp_path), gpu_memory_utilization=0.2
+    )
+    params = SamplingParams(max_new_tokens=12, seed=0)
+    samples = engine.generate(PROMPTS, [2, 0, 1, 3], params)
+    assert [s.prompt_index for s in samples] == [0, 0, 2, 3, 3, 3]
+    for s in samples:
+        expected = forward_logprobs(model, s.prompt_ids, s.response_ids)
+        expected = expected.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        assert (expected - torch.tensor(s.logprobs)).abs().max().item() < 1e-2
+    other = tiny_model(tokenizer, seed=1)
+    engine.sync_weights(other)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    expected = make_engine("hf", other, tokenizer).generate(PROMPTS[:1], [1], greedy)[0]
+    assert engine.generate(PROMPTS[:1], [1], greedy)[0].response_ids == expected.response_ids
