@@ -35,7 +35,7 @@ import numpy as np
 
 from gvmrl.analysis import eval_curve, fit_saturating, load_run, plot_curves
 from gvmrl.config import load_config
-from gvmrl.io import write_json, write_text
+from gvmrl.io import json_ready, write_json, write_text
 from gvmrl.progress import format_table
 from gvmrl.train import train
 
@@ -160,20 +160,10 @@ def main() -> None:
             sections.append(f"### {algorithm} on {task} (target accuracy {target:.3f})\n\n```\n{table}\n```\n")
             print(sections[-1])
     command = "python bench/convergence.py " + " ".join(sys.argv[1:])
-    write_json(out / "results.json", _json_ready(results))
+    write_json(out / "results.json", json_ready(results))
     write_text(out / "BENCHMARKS-section.md",
                f"## Convergence: uniform vs GVM allocation\n\nReproduce: `{command}`\n\n" + "\n".join(sections))
     print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 if __name__ == "__main__":

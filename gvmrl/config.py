@@ -35,7 +35,7 @@ class DataConfig:
     answer_field: str = "answer"
     """Field holding the reference answer (when no preset)."""
     instruction: str | None = "auto"
-    """Appended to each problem; "auto": none for the built-in model, the \\boxed{} instruction otherwise."""
+    """Appended to each problem; "auto": none for the built-in model (and checkpoints trained from it), the \\boxed{} instruction otherwise."""
     eval_limit: int | None = 128
     """Evaluate on the first K held-out prompts (None: all)."""
 
@@ -199,6 +199,14 @@ class TrainConfig:
     """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    reward: str = "answer"
+    """Training reward: answer (final-answer correctness, the paper's) or answer+arithmetic (also
+    every stated equation true; for the built-in task, where lucky final answers are common)."""
+    verifier_workers: int = 0
+    """Processes for math-verify (0: in the training process; the built-in task's integer answers
+    take a fast path; use >= 1 for real models, so a grading timeout cannot disturb training)."""
+    verifier_timeout: float = 5.0
+    """Seconds before a grading counts as wrong."""
     save_final: bool = True
     """Write DIR/final as a plain HF checkpoint at the end."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,6 +221,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Reject settings that cannot work, naming the key and the fix."""
         from gvmrl.losses import AGGREGATION_MODES, KL_ESTIMATORS
+        from gvmrl.rewards import REWARDS
 
         def check(ok: bool, key: str, message: str) -> None:
             if not ok:
@@ -223,6 +232,9 @@ class TrainConfig:
         check(self.iterations >= 0, "iterations", "must be >= 0")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        check(self.reward in REWARDS, "reward", f"one of {tuple(REWARDS)}")
+        check(self.verifier_workers >= 0, "verifier_workers", "must be >= 0")
+        check(self.verifier_timeout > 0, "verifier_timeout", "must be > 0")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "cpu, cuda[:N] or auto")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "float32, bfloat16, float16 or auto")
         check(self.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm")

@@ -96,7 +96,18 @@ def builtin_model_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        # Marks the built-in model and every checkpoint trained from it (the attribute is saved in
+        # config.json): it was pretrained on bare problems, so `default_instruction` gives none.
+        gvmrl_builtin=True,
     )
+
+
+def default_instruction(model: PreTrainedModel) -> str | None:
+    """The instruction appended to problems for `model` unless the user sets one: none for the
+    built-in model and checkpoints trained from it, the \\boxed{} instruction for any other."""
+    from gvmrl.data import DEFAULT_INSTRUCTION
+
+    return None if getattr(model.config, "gvmrl_builtin", False) else DEFAULT_INSTRUCTION
 
 
 def cache_root() -> Path:

@@ -29,7 +29,7 @@ from gvmrl.allocation import allocate
 from gvmrl.batching import SequenceBatch, pack_sequences, token_logprobs
 from gvmrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from gvmrl.config import ConfigError, TrainConfig, load_config, save_config
-from gvmrl.data import DEFAULT_INSTRUCTION, PromptRecord, format_prompt, load_prompts
+from gvmrl.data import PromptRecord, format_prompt, load_prompts
 from gvmrl.estimation import per_sample_grad_norms, prompt_stats
 from gvmrl.evaluation import evaluate
 from gvmrl.io import atomic_directory
@@ -40,8 +40,9 @@ from gvmrl.losses import (
     raft_loss,
     token_weights,
 )
-from gvmrl.models import BUILTIN, load_model_and_tokenizer
+from gvmrl.models import default_instruction, load_model_and_tokenizer
 from gvmrl.progress import Progress
+from gvmrl.rewards import REWARDS
 from gvmrl.rollout import Sample, SamplingParams, make_engine
 from gvmrl.tracking import MetricsLogger
 from gvmrl.verify import Grader
@@ -110,13 +111,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_instruction(instruction: str | None, model: str) -> str | None:
-    """"auto": the built-in char-level model was trained without an instruction; others get one."""
-    if instruction == "auto":
-        return None if model == BUILTIN else DEFAULT_INSTRUCTION
-    return instruction
-
-
 class Trainer:
     """Holds the run's state (policy, optimizer, engine, data) and runs Algorithm 1."""
 
@@ -138,10 +132,13 @@ class Trainer:
         self.model, self.tokenizer = load_model_and_tokenizer(
             str(checkpoint) if checkpoint else config.model, device=self.device, dtype=dtype
         )
-        self.reference = _frozen_copy(self.model) if config.loss.kl_coef > 0 else None
+        self.reference = None
+        if config.loss.kl_coef > 0:  # the KL anchor is the initial policy, also after a resume
+            initial = load_model_and_tokenizer(config.model, device=self.device, dtype=dtype)[0] if checkpoint else self.model
+            self.reference = _frozen_copy(initial)
         self.engine = make_engine(config.rollout.engine, self.model, self.tokenizer, **_engine_options(config))
-        self.grader = Grader(workers=0)
-        self.instruction = resolve_instruction(config.data.instruction, config.model)
+        self.grader = Grader(workers=config.verifier_workers, timeout=config.verifier_timeout)
+        self.instruction = default_instruction(self.model) if config.data.instruction == "auto" else config.data.instruction
         data = dict(preset=config.data.preset, problem_field=config.data.problem_field, answer_field=config.data.answer_field)
         self.stream = PromptStream(load_prompts(config.train_data, split="train", **data), config.prompts_per_iteration, config.seed)
         self.eval_records = (
@@ -221,7 +218,8 @@ class Trainer:
         texts = [format_prompt(self.tokenizer, r.problem, self.instruction) for r in prompts]
         samples = self.engine.generate(texts, [int(n) for n in sizes], params)
         grades = self.grader.grade_many([s.text for s in samples], [prompts[s.prompt_index].answer for s in samples])
-        scores = np.array([gr.score for gr in grades], dtype=np.float64)
+        reward = REWARDS[cfg.reward]
+        scores = np.array([reward(gr, s.text) for gr, s in zip(grades, samples)], dtype=np.float64)
         group = np.array([s.prompt_index for s in samples], dtype=np.int64)
         self.state["samples_generated"] += len(samples)
         self.state["tokens_generated"] += sum(len(s.response_ids) for s in samples)

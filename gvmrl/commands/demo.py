@@ -59,7 +59,7 @@ def demo_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from gvmrl.analysis import eval_curve, fit_saturating, load_run, plot_curves
     from gvmrl.config import ConfigError, load_config
-    from gvmrl.io import write_json, write_text
+    from gvmrl.io import json_ready, write_json, write_text
     from gvmrl.models import builtin_checkpoint
     from gvmrl.progress import format_table
     from gvmrl.train import train
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     header = (f"RAFT++ on the built-in task, {args.prompts} prompts x 8 samples per iteration, seed {args.seed}.\n"
               f"Target accuracy {target:.3f}: where uniform allocation's fitted curve ends (iteration {int(x[-1])}).\n"
               "x_to_target: where each run's fitted held-out accuracy curve reaches the target (inf: not reached).\n")
-    write_json(out / "summary.json", {"target_accuracy": target, "runs": [_json_ready(r) for r in rows]})
+    write_json(out / "summary.json", json_ready({"target_accuracy": target, "runs": rows}))
     write_text(out / "summary.txt", header + "\n" + table + "\n")
     plot_curves({arm: [m] for arm, m in runs.items()}, out / "curves.png", target=target,
                 title="RAFT++ on the built-in task: uniform vs GVM allocation")
@@ -111,8 +111,3 @@ def _ratio(a: float, b: float) -> float:
     if b == 0 or math.isinf(b) or math.isinf(a):
         return math.nan
     return a / b
-
-
-def _json_ready(row: dict) -> dict:
-    """JSON has no inf/NaN: write them as null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

@@ -100,15 +100,14 @@ def data_names(sources: list[str]) -> list[str]:
     return names
 
 
-def _instruction(args: argparse.Namespace) -> str | None:
-    from gvmrl.data import DEFAULT_INSTRUCTION
-    from gvmrl.models import BUILTIN
+def _instruction(args: argparse.Namespace, model) -> str | None:
+    from gvmrl.models import default_instruction
 
     if args.no_instruction:
         return None
     if args.instruction is not None:
         return args.instruction
-    return None if args.model == BUILTIN else DEFAULT_INSTRUCTION
+    return default_instruction(model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=max_new_tokens,
         seed=args.seed,
     )
-    instruction = _instruction(args)
+    instruction = _instruction(args, model)
     with Grader(workers=args.workers) as grader:
         results = {
             name: evaluate(

@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gvmrl.data import DEFAULT_INSTRUCTION, format_prompt
+    from gvmrl.data import format_prompt
     from gvmrl.estimation import prompt_stats, resolve_parameter_group, sequence_grad_norms
-    from gvmrl.models import BUILTIN, load_model_and_tokenizer
+    from gvmrl.models import default_instruction, load_model_and_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = (
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.instruction is not None:
         instruction = args.instruction
     else:
-        instruction = None if args.model == BUILTIN else DEFAULT_INSTRUCTION
+        instruction = default_instruction(model)
 
     accepted = [i for i, s in enumerate(samples) if s.score >= args.accept_threshold]
     prompt_ids: dict[str, list[int]] = {}
