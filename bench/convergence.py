@@ -61,7 +61,7 @@ def run_config(args, task: str, algorithm: str, arm: str, seed: int):
         f"iterations={args.iterations}", f"prompts_per_iteration={args.prompts}", f"optim.lr={args.lr}",
         "update.minibatch_by=prompts", f"update.minibatch_size={max(1, args.prompts // 4)}",
         f"eval.every={args.eval_every}", f"eval.samples={args.eval_samples}", f"data.eval_limit={args.eval_prompts}",
-        "logging.progress=false", "logging.tensorboard=false",
+        "logging.progress=false", "logging.tensorboard=false", "reward=answer+arithmetic",
         *[o.replace("BUDGET", str(budget)) for o in ARMS[arm]],
     ]
     if algorithm == "grpo" and ARMS[arm][0] == "allocation=gvm":
