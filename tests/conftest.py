@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-WARM_STEPS = 240  # enough supervised steps for the built-in model to solve short chains sometimes
+WARM_STEPS = 300  # enough supervised steps for the built-in model to solve short chains sometimes
 
 
 @pytest.fixture(scope="session")

@@ -111,8 +111,9 @@ def test_evaluate_aggregates_grades_per_prompt():
     assert [(len(p), params.seed) for p, params in engine.calls] == [(2, 7), (1, 8)]
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    """Save the built-in architecture cut to 2 layers, random weights, as a checkpoint directory."""
+def tiny_checkpoint(path: Path, *, builtin: bool = False) -> Path:
+    """Save the built-in architecture cut to 2 layers, random weights, as a checkpoint directory;
+    marked as the built-in model (prompts without instruction) only when `builtin`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -120,7 +121,7 @@ def tiny_checkpoint(path: Path) -> Path:
     config = builtin_model_config(tokenizer).to_dict()
     config.pop("layer_types")  # derived again from num_hidden_layers
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config.from_dict({**config, "num_hidden_layers": 2}))
+    model = Qwen2ForCausalLM(Qwen2Config.from_dict({**config, "num_hidden_layers": 2, "gvmrl_builtin": builtin}))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -191,7 +192,7 @@ def test_eval_cli_writes_summary_and_rows(tmp_path):
 
 def test_eval_cli_builtin_model_defaults_to_no_instruction(tmp_path, monkeypatch):
     monkeypatch.setenv("GVMRL_CACHE", str(tmp_path / "cache"))
-    tiny_checkpoint(tmp_path / "cache" / BUILTIN_VERSION)
+    tiny_checkpoint(tmp_path / "cache" / BUILTIN_VERSION, builtin=True)
     output = tmp_path / "results.json"
     argv = [
         *("eval", "--model", "builtin", "--data", "builtin", "--limit", "3", "--samples", "1"),

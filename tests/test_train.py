@@ -71,10 +71,11 @@ def test_gvm_run_outputs_and_sample_accounting(tmp_path, warm_checkpoint, easy_p
         assert sum(sizes) in (0, 4 * PROMPTS) and row["samples"] == sum(sizes)
         assert row["samples_generated"] - previous == row["presamples"] + row["samples"]
         previous = row["samples_generated"]
-        for key in ("tokens_generated", "train_accuracy", "loss", "wall_time", "alloc_zero_share", "time_presample"):
+        for key in ("tokens_generated", "train_accuracy", "wall_time", "alloc_zero_share", "time_presample"):
             assert key in row
+        assert ("loss" in row) == (row["optimizer_steps"] > 0)
     assert rows[2]["eval_accuracy"] is not None and rows[0]["eval_accuracy"] is not None
-    assert rows[1]["accepted_samples"] > 0, "the warm model should solve some one/two-step problems"
+    assert sum(r["presample_accuracy"] for r in rows[1:]) > 0, "the warm model should solve some short chains"
     saved = load_config(tmp_path / "config.yaml")
     assert saved == config
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,20 +107,27 @@ def _rollouts(trainer: Trainer, seed: int = 0) -> Rollouts:
 
 @pytest.mark.parametrize("algorithm", ["raft", "raft++", "grpo"])
 def test_micro_batching_does_not_change_the_update(tmp_path, warm_checkpoint, easy_prompts, algorithm):
-    """One optimizer step accumulated over micro-batches of 1 equals the step over the whole batch."""
-    states = []
+    """The gradient accumulated over micro-batches of 1 equals the gradient of the whole mini-batch."""
+    grads = []
     for micro in (1, 64):
         config = small_config(warm_checkpoint, easy_prompts, f"algorithm={algorithm}", "update.minibatch_size=8",
                               f"update.micro_batch_size={micro}", "optim.grad_clip=0", "eval_data=null")
         trainer = Trainer(config, tmp_path / f"micro{micro}")
-        trainer.update(_rollouts(trainer), iteration=1)
-        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
-    for key in states[0]:
-        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6)
+        captured = {}
+
+        def capture(captured=captured, model=trainer.model):  # stands in for optimizer.step
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        trainer.optimizer.step = capture
+        assert trainer.update(_rollouts(trainer), iteration=1)["optimizer_steps"] == 1
+        grads.append(captured)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
 
 
 def test_raft_trains_only_on_accepted_samples(tmp_path, warm_checkpoint, easy_prompts):
-    config = small_config(warm_checkpoint, easy_prompts, "algorithm=raft", "eval_data=null", "optim.lr=3e-3")
+    config = small_config(warm_checkpoint, easy_prompts, "algorithm=raft", "eval_data=null", "optim.lr=3e-4")
     trainer = Trainer(config, tmp_path)
     rollouts = _rollouts(trainer)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
