@@ -65,7 +65,8 @@ class GVMConfig:
     presamples: int = 8
     """N': pre-samples per prompt used to estimate accept rate p_i and gradient norm G_i."""
     budget: int | None = None
-    """N: samples per iteration to allocate; None: presamples x prompts_per_iteration."""
+    """N: samples per iteration; None: presamples x prompts (the paper), or with budget_inclusive
+    samples_per_prompt x prompts (what uniform allocation generates)."""
     alpha: float = 1e-3
     """Regulariser weight in n_i ~ G_i / sqrt(p_i + alpha / p_i^(beta-1))."""
     beta: float = 2.0
@@ -270,7 +271,8 @@ class TrainConfig:
         """N, the samples per iteration under GVM (pre-samples included when budget-inclusive)."""
         if self.gvm.budget is not None:
             return self.gvm.budget
-        return self.gvm.presamples * self.prompts_per_iteration
+        per_prompt = self.samples_per_prompt if self.gvm.budget_inclusive else self.gvm.presamples
+        return per_prompt * self.prompts_per_iteration
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

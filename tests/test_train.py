@@ -97,6 +97,12 @@ def test_budget_inclusive_generates_what_uniform_generates(tmp_path, warm_checkp
     assert row["trained_samples"] <= row["samples_generated"]
 
 
+def test_budget_inclusive_defaults_to_the_uniform_budget(warm_checkpoint, easy_prompts):
+    config = small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2", "gvm.budget_inclusive=true")
+    assert config.gvm_budget == 4 * PROMPTS  # samples_per_prompt x prompts, of which 2 x PROMPTS are pre-samples
+    assert small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2").gvm_budget == 2 * PROMPTS
+
+
 def _rollouts(trainer: Trainer, seed: int = 0) -> Rollouts:
     prompts = trainer.stream.batch(1)
     rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=seed)

@@ -29,7 +29,7 @@ ARMS: dict[str, list[str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/demo", help="where the three runs and the summary go")
-    parser.add_argument("--iterations", type=int, default=12, help="EM iterations per run")
+    parser.add_argument("--iterations", type=int, default=16, help="EM iterations per run")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
