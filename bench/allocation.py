@@ -1,6 +1,6 @@
 """Time `gvmrl.allocation.allocate` on 10^6 prompts (target: well under a second).
 
-    python bench/allocation.py [--prompts 1000000] [--repeats 5] [--output bench/results/allocation.json]
+python bench/allocation.py [--prompts 1000000] [--repeats 5] [--output bench/results/allocation.json]
 """
 
 from __future__ import annotations
@@ -47,10 +47,17 @@ def main() -> None:
     for name, kwargs in cases.items():
         seconds = time_call(lambda: allocate(p, g, budget, **kwargs), args.repeats)
         results[name] = seconds
-        print(f"{name:>16}: {seconds * 1e3:8.1f} ms for {args.prompts:,} prompts, budget {budget:,}")
+        print(
+            f"{name:>16}: {seconds * 1e3:8.1f} ms for {args.prompts:,} prompts, budget {budget:,}"
+        )
     write_json(
         args.output,
-        {"prompts": args.prompts, "budget": budget, "best_seconds": results, "machine": platform.processor() or platform.machine()},
+        {
+            "prompts": args.prompts,
+            "budget": budget,
+            "best_seconds": results,
+            "machine": platform.processor() or platform.machine(),
+        },
     )
     print(f"wrote {args.output}")
 

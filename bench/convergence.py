@@ -43,13 +43,31 @@ ARMS: dict[str, list[str]] = {
     "uniform-n": ["allocation=uniform", "samples_per_prompt=8"],
     "uniform-2n": ["allocation=uniform", "samples_per_prompt=16"],
     "gvm": ["allocation=gvm", "gvm.presamples=8", "gvm.budget=BUDGET"],
-    "gvm-reuse": ["allocation=gvm", "gvm.presamples=8", "gvm.budget=BUDGET", "gvm.reuse_presamples=true"],
-    "gvm-incl-2": ["allocation=gvm", "gvm.presamples=2", "gvm.budget=BUDGET", "gvm.budget_inclusive=true",
-                   "gvm.accept_prior=[0.5,0.5]"],
-    "gvm-incl-4": ["allocation=gvm", "gvm.presamples=4", "gvm.budget=BUDGET", "gvm.budget_inclusive=true",
-                   "gvm.accept_prior=[0.5,0.5]"],
+    "gvm-reuse": [
+        "allocation=gvm",
+        "gvm.presamples=8",
+        "gvm.budget=BUDGET",
+        "gvm.reuse_presamples=true",
+    ],
+    "gvm-incl-2": [
+        "allocation=gvm",
+        "gvm.presamples=2",
+        "gvm.budget=BUDGET",
+        "gvm.budget_inclusive=true",
+        "gvm.accept_prior=[0.5,0.5]",
+    ],
+    "gvm-incl-4": [
+        "allocation=gvm",
+        "gvm.presamples=4",
+        "gvm.budget=BUDGET",
+        "gvm.budget_inclusive=true",
+        "gvm.accept_prior=[0.5,0.5]",
+    ],
 }
-TASKS = {"builtin": ("builtin:train", "builtin:test"), "builtin-hard": ("builtin-hard:train", "builtin-hard:test")}
+TASKS = {
+    "builtin": ("builtin:train", "builtin:test"),
+    "builtin-hard": ("builtin-hard:train", "builtin-hard:test"),
+}
 COSTS = {"iteration": "iterations", "samples_generated": "samples", "wall_time": "seconds"}
 
 
@@ -57,15 +75,28 @@ def run_config(args, task: str, algorithm: str, arm: str, seed: int):
     train_data, eval_data = TASKS[task]
     budget = 8 * args.prompts
     overrides = [
-        f"algorithm={algorithm}", f"seed={seed}", "model=builtin", f"train_data={train_data}", f"eval_data={eval_data}",
-        f"iterations={args.iterations}", f"prompts_per_iteration={args.prompts}", f"optim.lr={args.lr}",
-        "update.minibatch_by=prompts", f"update.minibatch_size={max(1, args.prompts // 4)}",
-        f"eval.every={args.eval_every}", f"eval.samples={args.eval_samples}", f"data.eval_limit={args.eval_prompts}",
-        "logging.progress=false", "logging.tensorboard=false", "reward=answer+arithmetic",
+        f"algorithm={algorithm}",
+        f"seed={seed}",
+        "model=builtin",
+        f"train_data={train_data}",
+        f"eval_data={eval_data}",
+        f"iterations={args.iterations}",
+        f"prompts_per_iteration={args.prompts}",
+        f"optim.lr={args.lr}",
+        "update.minibatch_by=prompts",
+        f"update.minibatch_size={max(1, args.prompts // 4)}",
+        f"eval.every={args.eval_every}",
+        f"eval.samples={args.eval_samples}",
+        f"data.eval_limit={args.eval_prompts}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "reward=answer+arithmetic",
         *[o.replace("BUDGET", str(budget)) for o in ARMS[arm]],
     ]
     if algorithm == "grpo" and ARMS[arm][0] == "allocation=gvm":
-        overrides.append("gvm.min_size=2")  # a GRPO group needs two samples for a non-zero advantage
+        overrides.append(
+            "gvm.min_size=2"
+        )  # a GRPO group needs two samples for a non-zero advantage
     return load_config(None, overrides + args.set)
 
 
@@ -82,27 +113,50 @@ def summarise(runs: dict[str, list[list[dict]]]) -> tuple[float, list[dict]]:
         for axis, name in COSTS.items():
             costs = [fit_saturating(*eval_curve(m, axis)).cost_to_reach(target) for m in seeds]
             finite = [c for c in costs if math.isfinite(c)]
-            row[f"{name}_to_target"] = float(np.mean(finite)) if len(finite) == len(costs) else math.inf
-            row[f"{name}_to_target_std"] = float(np.std(finite)) if len(finite) == len(costs) else math.nan
+            row[f"{name}_to_target"] = (
+                float(np.mean(finite)) if len(finite) == len(costs) else math.inf
+            )
+            row[f"{name}_to_target_std"] = (
+                float(np.std(finite)) if len(finite) == len(costs) else math.nan
+            )
             row[f"{name}_reached"] = f"{len(finite)}/{len(costs)}"
         iters = [r for m in seeds for r in m if r["iteration"] > 0]
-        row["final_eval_accuracy"] = float(np.mean([m[-1].get("eval_accuracy") or np.nan for m in seeds]))
-        row["optimizer_steps_per_iter"] = float(np.mean([r.get("optimizer_steps", 0) for r in iters]))
-        row["trained_samples_per_iter"] = float(np.mean([r.get("trained_samples", 0) for r in iters]))
-        row["accepted_samples_per_iter"] = float(np.mean([r.get("accepted_samples", 0) for r in iters]))
-        row["generated_per_iter"] = float(np.mean([r.get("samples", 0) + r.get("presamples", 0) for r in iters]))
+        row["final_eval_accuracy"] = float(
+            np.mean([m[-1].get("eval_accuracy") or np.nan for m in seeds])
+        )
+        row["optimizer_steps_per_iter"] = float(
+            np.mean([r.get("optimizer_steps", 0) for r in iters])
+        )
+        row["trained_samples_per_iter"] = float(
+            np.mean([r.get("trained_samples", 0) for r in iters])
+        )
+        row["accepted_samples_per_iter"] = float(
+            np.mean([r.get("accepted_samples", 0) for r in iters])
+        )
+        row["generated_per_iter"] = float(
+            np.mean([r.get("samples", 0) + r.get("presamples", 0) for r in iters])
+        )
         row["alloc_zero_share"] = _mean(iters, "alloc_zero_share")
         row["alloc_max"] = _mean(iters, "alloc_max")
         row["corr_p_G"] = _mean(iters, "corr_accept_rate_grad_norm")
-        total = sum(sum(v for k, v in r.items() if k.startswith("time_") and k != "time_eval") for r in iters)
-        row["presample_time_share"] = sum(r.get("time_presample", 0) for r in iters) / total if total else 0.0
-        row["gradnorm_time_share"] = sum(r.get("time_stats", 0) for r in iters) / total if total else 0.0
+        total = sum(
+            sum(v for k, v in r.items() if k.startswith("time_") and k != "time_eval")
+            for r in iters
+        )
+        row["presample_time_share"] = (
+            sum(r.get("time_presample", 0) for r in iters) / total if total else 0.0
+        )
+        row["gradnorm_time_share"] = (
+            sum(r.get("time_stats", 0) for r in iters) / total if total else 0.0
+        )
         rows.append(row)
     base_row = rows[0]
     for row in rows:
         for name in ("samples", "iterations"):
             a, b = base_row[f"{name}_to_target"], row[f"{name}_to_target"]
-            row[f"{name}_speedup"] = a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+            row[f"{name}_speedup"] = (
+                a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+            )
     return target, rows
 
 
@@ -114,7 +168,9 @@ def _mean(rows: list[dict], key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--algorithms", nargs="+", default=["raft++", "grpo"], choices=["raft", "raft++", "grpo"])
+    parser.add_argument(
+        "--algorithms", nargs="+", default=["raft++", "grpo"], choices=["raft", "raft++", "grpo"]
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--iterations", type=int, default=20)
@@ -123,12 +179,26 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=4)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for every run",
+    )
     parser.add_argument("--output-dir", default="bench/results/convergence")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, uniform-n and gvm, 3 iterations")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 seed, uniform-n and gvm, 3 iterations"
+    )
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.arms, args.iterations, args.eval_every, args.eval_prompts = 1, ["uniform-n", "gvm"], 3, 1, 32
+        args.seeds, args.arms, args.iterations, args.eval_every, args.eval_prompts = (
+            1,
+            ["uniform-n", "gvm"],
+            3,
+            1,
+            32,
+        )
         args.tasks, args.algorithms, args.prompts = ["builtin"], ["raft++"], 8
     if "uniform-n" not in args.arms:
         parser.error("--arms must include uniform-n: it defines the target accuracy")
@@ -145,24 +215,53 @@ def main() -> None:
                     run_dir = out / task / algorithm / arm / f"seed{seed}"
                     started = time.perf_counter()
                     train(run_config(args, task, algorithm, arm, seed), run_dir)
-                    print(f"{task} {algorithm} {arm} seed {seed}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+                    print(
+                        f"{task} {algorithm} {arm} seed {seed}: {time.perf_counter() - started:.0f}s",
+                        file=sys.stderr,
+                    )
                     runs[arm].append(load_run(run_dir))
             target, rows = summarise(runs)
-            plot_curves(runs, out / f"curves-{task}-{algorithm}.png", target=target,
-                        title=f"{algorithm} on {task}: mean over {args.seeds} seeds, band = min..max")
-            results["groups"].append({"task": task, "algorithm": algorithm, "target_accuracy": target, "rows": rows})
-            columns = ["arm", "seeds", "final_eval_accuracy", "iterations_to_target", "iterations_to_target_std",
-                       "samples_to_target", "samples_to_target_std", "seconds_to_target", "samples_speedup",
-                       "iterations_speedup", "generated_per_iter", "optimizer_steps_per_iter",
-                       "accepted_samples_per_iter", "alloc_zero_share", "alloc_max", "corr_p_G",
-                       "presample_time_share", "gradnorm_time_share"]
+            plot_curves(
+                runs,
+                out / f"curves-{task}-{algorithm}.png",
+                target=target,
+                title=f"{algorithm} on {task}: mean over {args.seeds} seeds, band = min..max",
+            )
+            results["groups"].append(
+                {"task": task, "algorithm": algorithm, "target_accuracy": target, "rows": rows}
+            )
+            columns = [
+                "arm",
+                "seeds",
+                "final_eval_accuracy",
+                "iterations_to_target",
+                "iterations_to_target_std",
+                "samples_to_target",
+                "samples_to_target_std",
+                "seconds_to_target",
+                "samples_speedup",
+                "iterations_speedup",
+                "generated_per_iter",
+                "optimizer_steps_per_iter",
+                "accepted_samples_per_iter",
+                "alloc_zero_share",
+                "alloc_max",
+                "corr_p_G",
+                "presample_time_share",
+                "gradnorm_time_share",
+            ]
             table = format_table(rows, columns)
-            sections.append(f"### {algorithm} on {task} (target accuracy {target:.3f})\n\n```\n{table}\n```\n")
+            sections.append(
+                f"### {algorithm} on {task} (target accuracy {target:.3f})\n\n```\n{table}\n```\n"
+            )
             print(sections[-1])
     command = "python bench/convergence.py " + " ".join(sys.argv[1:])
     write_json(out / "results.json", json_ready(results))
-    write_text(out / "BENCHMARKS-section.md",
-               f"## Convergence: uniform vs GVM allocation\n\nReproduce: `{command}`\n\n" + "\n".join(sections))
+    write_text(
+        out / "BENCHMARKS-section.md",
+        f"## Convergence: uniform vs GVM allocation\n\nReproduce: `{command}`\n\n"
+        + "\n".join(sections),
+    )
     print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
 
 

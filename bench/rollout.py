@@ -17,11 +17,9 @@ length of a typical built-in solution); `--model builtin` uses the pretrained ch
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 

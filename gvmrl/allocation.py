@@ -24,7 +24,9 @@ import numpy as np
 WeightRule = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]
 
 
-def gvm_weights(accept_rates: np.ndarray, grad_norms: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+def gvm_weights(
+    accept_rates: np.ndarray, grad_norms: np.ndarray, alpha: float, beta: float
+) -> np.ndarray:
     """w_i = G_i / sqrt(p_i + alpha / p_i^(beta-1)); 0 where p_i = 0 or G_i = 0.
 
     alpha = 0 gives the unregularised optimum G_i / sqrt(p_i).
@@ -36,7 +38,9 @@ def gvm_weights(accept_rates: np.ndarray, grad_norms: np.ndarray, alpha: float, 
     return weights
 
 
-def uniform_weights(accept_rates: np.ndarray, grad_norms: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+def uniform_weights(
+    accept_rates: np.ndarray, grad_norms: np.ndarray, alpha: float, beta: float
+) -> np.ndarray:
     """Every prompt the same share: the baseline every framework uses."""
     return np.ones(accept_rates.shape, dtype=np.float64)
 
@@ -83,7 +87,9 @@ def allocate(
     Raises:
         ValueError naming the argument and the first bad index for invalid input.
     """
-    p, g = _validate(accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts)
+    p, g = _validate(
+        accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts
+    )
     if rule not in WEIGHT_RULES:
         raise ValueError(f"rule: unknown rule {rule!r}; choose one of {sorted(WEIGHT_RULES)}")
     if alpha < 0 or not np.isfinite(alpha):
@@ -121,11 +127,15 @@ def allocate(
     return sizes
 
 
-def _validate(accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts):
+def _validate(
+    accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts
+):
     p = np.asarray(accept_rates, dtype=np.float64)
     g = np.asarray(grad_norms, dtype=np.float64)
     if p.ndim != 1 or g.ndim != 1:
-        raise ValueError(f"accept_rates and grad_norms must be 1-D, got shapes {p.shape} and {g.shape}")
+        raise ValueError(
+            f"accept_rates and grad_norms must be 1-D, got shapes {p.shape} and {g.shape}"
+        )
     if p.shape != g.shape:
         raise ValueError(f"length mismatch: {p.size} accept_rates but {g.size} grad_norms")
     bad = np.flatnonzero(~((p >= 0) & (p <= 1)))  # NaN fails both comparisons
@@ -141,9 +151,13 @@ def _validate(accept_rates, grad_norms, budget, min_size, max_size, drop_above, 
     if max_size is not None and (int(max_size) != max_size or max_size < max(min_size, 1)):
         raise ValueError(f"max_size: must be an integer >= max(min_size, 1), got {max_size}")
     if max_size is not None and max_size * p.size < budget:
-        raise ValueError(f"max_size: {p.size} prompts x max_size={max_size} cannot hold budget={budget}")
+        raise ValueError(
+            f"max_size: {p.size} prompts x max_size={max_size} cannot hold budget={budget}"
+        )
     if min_size * p.size > budget:
-        raise ValueError(f"min_size: {p.size} prompts x min_size={min_size} exceeds budget={budget}")
+        raise ValueError(
+            f"min_size: {p.size} prompts x min_size={min_size} exceeds budget={budget}"
+        )
     if drop_above is not None and not 0 <= drop_above <= 1:
         raise ValueError(f"drop_above: must be in [0, 1], got {drop_above}")
     if min_expected_accepts is not None and not min_expected_accepts >= 0:

@@ -69,7 +69,10 @@ def fit_saturating(x, y) -> SaturatingFit:
 def eval_curve(metrics: list[dict[str, Any]], axis: str) -> tuple[np.ndarray, np.ndarray]:
     """(cost, eval accuracy) at every evaluated iteration of a run's metrics rows."""
     rows = [r for r in metrics if r.get("eval_accuracy") is not None]
-    return (np.array([float(r[axis]) for r in rows]), np.array([float(r["eval_accuracy"]) for r in rows]))
+    return (
+        np.array([float(r[axis]) for r in rows]),
+        np.array([float(r["eval_accuracy"]) for r in rows]),
+    )
 
 
 def cost_to_target(metrics: list[dict[str, Any]], target: float, axis: str) -> float:
@@ -82,8 +85,13 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
-def plot_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str | Path, *, target: float | None = None,
-                title: str = "") -> None:
+def plot_curves(
+    runs: dict[str, list[list[dict[str, Any]]]],
+    path: str | Path,
+    *,
+    target: float | None = None,
+    title: str = "",
+) -> None:
     """One panel per cost axis; each method a line (mean over its seeds) with a min-max band."""
     import matplotlib
 
@@ -104,7 +112,9 @@ def plot_curves(runs: dict[str, list[list[dict[str, Any]]]], path: str | Path, *
             ys = np.array([c[1][:length] for c in curves])
             line = ax.plot(xs, ys.mean(axis=0), marker="o", markersize=3, label=method)[0]
             if len(curves) > 1:
-                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+                ax.fill_between(
+                    xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2
+                )
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
         ax.set_xlabel(label)

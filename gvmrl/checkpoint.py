@@ -60,7 +60,9 @@ def save_checkpoint(
     return path
 
 
-def load_trainer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def load_trainer_state(
+    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNG states in place; return the saved `state` dict."""
     saved = torch.load(checkpoint / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])

@@ -228,37 +228,75 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{key}: {message}")
 
-        check(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        check(self.allocation in ALLOCATIONS, "allocation", f"must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        check(
+            self.algorithm in ALGORITHMS,
+            "algorithm",
+            f"must be one of {ALGORITHMS}, got {self.algorithm!r}",
+        )
+        check(
+            self.allocation in ALLOCATIONS,
+            "allocation",
+            f"must be one of {ALLOCATIONS}, got {self.allocation!r}",
+        )
         check(self.iterations >= 0, "iterations", "must be >= 0")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         check(self.reward in REWARDS, "reward", f"one of {tuple(REWARDS)}")
         check(self.verifier_workers >= 0, "verifier_workers", "must be >= 0")
         check(self.verifier_timeout > 0, "verifier_timeout", "must be > 0")
-        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "cpu, cuda[:N] or auto")
-        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "float32, bfloat16, float16 or auto")
+        check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            "cpu, cuda[:N] or auto",
+        )
+        check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "dtype",
+            "float32, bfloat16, float16 or auto",
+        )
         check(self.rollout.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm")
         check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0")
         check(0 < self.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         check(self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         g = self.gvm
         check(g.presamples >= 1, "gvm.presamples", "must be >= 1")
-        check(g.grad_params in ("embed_tokens", "lm_head"), "gvm.grad_params", "embed_tokens or lm_head")
+        check(
+            g.grad_params in ("embed_tokens", "lm_head"),
+            "gvm.grad_params",
+            "embed_tokens or lm_head",
+        )
         check(min(g.accept_prior) >= 0, "gvm.accept_prior", "Beta prior parameters must be >= 0")
-        check(not (g.budget_inclusive and g.reuse_presamples), "gvm.reuse_presamples",
-              "budget_inclusive already trains on the pre-samples; set only one of them")
+        check(
+            not (g.budget_inclusive and g.reuse_presamples),
+            "gvm.reuse_presamples",
+            "budget_inclusive already trains on the pre-samples; set only one of them",
+        )
         if self.allocation == "gvm":
             presampled = g.presamples * self.prompts_per_iteration
             check(g.budget is None or g.budget >= 0, "gvm.budget", "must be >= 0")
-            check(not g.budget_inclusive or self.gvm_budget >= presampled, "gvm.budget",
-                  f"with budget_inclusive the budget must cover the {presampled} pre-samples")
+            check(
+                not g.budget_inclusive or self.gvm_budget >= presampled,
+                "gvm.budget",
+                f"with budget_inclusive the budget must cover the {presampled} pre-samples",
+            )
         check(self.optim.schedule in ("constant", "cosine"), "optim.schedule", "constant or cosine")
         check(self.optim.lr > 0, "optim.lr", "must be > 0")
-        check(self.loss.aggregation in AGGREGATION_MODES, "loss.aggregation", f"one of {AGGREGATION_MODES}")
+        check(
+            self.loss.aggregation in AGGREGATION_MODES,
+            "loss.aggregation",
+            f"one of {AGGREGATION_MODES}",
+        )
         check(self.loss.kl_kind in KL_ESTIMATORS, "loss.kl_kind", f"one of {tuple(KL_ESTIMATORS)}")
-        check(self.loss.dual_clip is None or self.loss.dual_clip > 1, "loss.dual_clip", "must be > 1 or null")
-        check(self.update.minibatch_by in ("prompts", "samples"), "update.minibatch_by", "prompts or samples")
+        check(
+            self.loss.dual_clip is None or self.loss.dual_clip > 1,
+            "loss.dual_clip",
+            "must be > 1 or null",
+        )
+        check(
+            self.update.minibatch_by in ("prompts", "samples"),
+            "update.minibatch_by",
+            "prompts or samples",
+        )
         check(self.update.minibatch_size >= 1, "update.minibatch_size", "must be >= 1")
         check(self.update.micro_batch_size >= 1, "update.micro_batch_size", "must be >= 1")
         check(self.update.epochs >= 1, "update.epochs", "must be >= 1")
@@ -282,7 +320,9 @@ class ConfigError(ValueError):
     """A config key with a bad name, type or value; the message starts with the dotted key."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
     """Defaults, then the YAML file (if any), then `key=value` overrides (dotted keys, YAML values)."""
     values: dict[str, Any] = {}
     if path is not None:
@@ -293,7 +333,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise ConfigError(f"{override!r}: overrides take the form key=value (e.g. gvm.presamples=4)")
+            raise ConfigError(
+                f"{override!r}: overrides take the form key=value (e.g. gvm.presamples=4)"
+            )
         _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return _build(TrainConfig, values, prefix="").validate()
 
@@ -325,13 +367,17 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{prefix}{key}: unknown key; known keys here: {', '.join(sorted(known))}"
+            )
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name}: is a section; set its keys, e.g. {prefix}{name}.KEY=VALUE")
+                raise ConfigError(
+                    f"{prefix}{name}: is a section; set its keys, e.g. {prefix}{name}.KEY=VALUE"
+                )
             kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
@@ -353,12 +399,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}"
+        )
     if origin is tuple:
         item_types = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}")
-        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+        return tuple(
+            _coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types))
+        )
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string

@@ -61,7 +61,11 @@ class Rollouts:
 
     @staticmethod
     def concat(a: Rollouts, b: Rollouts) -> Rollouts:
-        return Rollouts(a.samples + b.samples, np.concatenate([a.scores, b.scores]), np.concatenate([a.group, b.group]))
+        return Rollouts(
+            a.samples + b.samples,
+            np.concatenate([a.scores, b.scores]),
+            np.concatenate([a.group, b.group]),
+        )
 
     def select(self, keep: np.ndarray) -> Rollouts:
         idx = np.flatnonzero(keep)
@@ -95,7 +99,9 @@ class PromptStream:
 
     def _index(self, k: int) -> int:
         epoch, offset = divmod(k, len(self.records))
-        order = np.random.default_rng(derive_seed(self.seed, PHASE_DATA, epoch)).permutation(len(self.records))
+        order = np.random.default_rng(derive_seed(self.seed, PHASE_DATA, epoch)).permutation(
+            len(self.records)
+        )
         return int(order[offset])
 
 
@@ -134,22 +140,51 @@ class Trainer:
         )
         self.reference = None
         if config.loss.kl_coef > 0:  # the KL anchor is the initial policy, also after a resume
-            initial = load_model_and_tokenizer(config.model, device=self.device, dtype=dtype)[0] if checkpoint else self.model
+            initial = (
+                load_model_and_tokenizer(config.model, device=self.device, dtype=dtype)[0]
+                if checkpoint
+                else self.model
+            )
             self.reference = _frozen_copy(initial)
-        self.engine = make_engine(config.rollout.engine, self.model, self.tokenizer, **_engine_options(config))
+        self.engine = make_engine(
+            config.rollout.engine, self.model, self.tokenizer, **_engine_options(config)
+        )
         self.grader = Grader(workers=config.verifier_workers, timeout=config.verifier_timeout)
-        self.instruction = default_instruction(self.model) if config.data.instruction == "auto" else config.data.instruction
-        data = dict(preset=config.data.preset, problem_field=config.data.problem_field, answer_field=config.data.answer_field)
-        self.stream = PromptStream(load_prompts(config.train_data, split="train", **data), config.prompts_per_iteration, config.seed)
+        self.instruction = (
+            default_instruction(self.model)
+            if config.data.instruction == "auto"
+            else config.data.instruction
+        )
+        data = dict(
+            preset=config.data.preset,
+            problem_field=config.data.problem_field,
+            answer_field=config.data.answer_field,
+        )
+        self.stream = PromptStream(
+            load_prompts(config.train_data, split="train", **data),
+            config.prompts_per_iteration,
+            config.seed,
+        )
         self.eval_records = (
-            load_prompts(config.eval_data, split="test", limit=config.data.eval_limit, **data) if config.eval_data else []
+            load_prompts(config.eval_data, split="test", limit=config.data.eval_limit, **data)
+            if config.eval_data
+            else []
         )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
+            self.model.parameters(),
+            lr=config.optim.lr,
+            betas=config.optim.betas,
+            weight_decay=config.optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
 
-        self.state: dict[str, Any] = {"iteration": 0, "samples_generated": 0, "tokens_generated": 0, "optimizer_steps": 0, "wall_time": 0.0}
+        self.state: dict[str, Any] = {
+            "iteration": 0,
+            "samples_generated": 0,
+            "tokens_generated": 0,
+            "optimizer_steps": 0,
+            "wall_time": 0.0,
+        }
         if checkpoint is not None:
             self.state = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
         self.metrics = MetricsLogger(
@@ -188,14 +223,25 @@ class Trainer:
         cfg, m = self.config, Metrics()
         prompts = self.stream.batch(iteration)  # a.
         if cfg.allocation == "gvm":  # b.
-            presamples = m.time("presample", self.sample, prompts, [cfg.gvm.presamples] * len(prompts), iteration, PHASE_PRESAMPLE)
+            presamples = m.time(
+                "presample",
+                self.sample,
+                prompts,
+                [cfg.gvm.presamples] * len(prompts),
+                iteration,
+                PHASE_PRESAMPLE,
+            )
             p, g = m.time("stats", self.estimate_prompt_stats, presamples)
             sizes = self.allocate(p, g, len(prompts))
             m.add(allocation_metrics(sizes, p, g, presamples))
         else:
             presamples, sizes = None, np.full(len(prompts), cfg.samples_per_prompt)
         rollouts = m.time("sample", self.sample, prompts, sizes, iteration, PHASE_SAMPLE)  # c.
-        trained = Rollouts.concat(presamples, rollouts) if presamples and (cfg.gvm.reuse_presamples or cfg.gvm.budget_inclusive) else rollouts
+        trained = (
+            Rollouts.concat(presamples, rollouts)
+            if presamples and (cfg.gvm.reuse_presamples or cfg.gvm.budget_inclusive)
+            else rollouts
+        )
         m.add(m.time("update", self.update, trained, iteration))  # d.
         m.add(self._generation_metrics(presamples, rollouts))  # e.
         if self._eval_due(iteration):
@@ -217,7 +263,9 @@ class Trainer:
         self.engine.sync_weights(self.model)
         texts = [format_prompt(self.tokenizer, r.problem, self.instruction) for r in prompts]
         samples = self.engine.generate(texts, [int(n) for n in sizes], params)
-        grades = self.grader.grade_many([s.text for s in samples], [prompts[s.prompt_index].answer for s in samples])
+        grades = self.grader.grade_many(
+            [s.text for s in samples], [prompts[s.prompt_index].answer for s in samples]
+        )
         reward = REWARDS[cfg.reward]
         scores = np.array([reward(gr, s.text) for gr, s in zip(grades, samples)], dtype=np.float64)
         group = np.array([s.prompt_index for s in samples], dtype=np.int64)
@@ -232,10 +280,19 @@ class Trainer:
         accepted = np.flatnonzero(presamples.scores > 0.5)
         if accepted.size:
             batch = self._pack([presamples.samples[i] for i in accepted])
-            norms[accepted] = per_sample_grad_norms(
-                self.model, batch.input_ids, batch.attention_mask, batch.response_mask,
-                params=cfg.grad_params, micro_batch_size=cfg.grad_batch_size,
-            ).float().cpu().numpy()
+            norms[accepted] = (
+                per_sample_grad_norms(
+                    self.model,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.response_mask,
+                    params=cfg.grad_params,
+                    micro_batch_size=cfg.grad_batch_size,
+                )
+                .float()
+                .cpu()
+                .numpy()
+            )
         stats = prompt_stats(presamples.group, presamples.scores, norms)
         # Every prompt has N' >= 1 pre-samples, in prompt order, so stats align with the batch.
         assert stats.prompt_ids == list(range(self.config.prompts_per_iteration))
@@ -246,13 +303,23 @@ class Trainer:
     def allocate(self, p: np.ndarray, g: np.ndarray, num_prompts: int) -> np.ndarray:
         """n_i for the main samples: the whole budget, or what the pre-samples left of it."""
         cfg = self.config
-        budget = cfg.gvm_budget - (cfg.gvm.presamples * num_prompts if cfg.gvm.budget_inclusive else 0)
+        budget = cfg.gvm_budget - (
+            cfg.gvm.presamples * num_prompts if cfg.gvm.budget_inclusive else 0
+        )
         if not ((p > 0) & (g > 0)).any():
             self.progress.log("no pre-sample was accepted: no samples allocated this iteration")
             return np.zeros(num_prompts, dtype=np.int64)
         return allocate(
-            p, g, budget, rule="gvm", alpha=cfg.gvm.alpha, beta=cfg.gvm.beta, min_size=cfg.gvm.min_size,
-            max_size=cfg.gvm.max_size, drop_above=cfg.gvm.drop_above, min_expected_accepts=cfg.gvm.min_expected_accepts,
+            p,
+            g,
+            budget,
+            rule="gvm",
+            alpha=cfg.gvm.alpha,
+            beta=cfg.gvm.beta,
+            min_size=cfg.gvm.min_size,
+            max_size=cfg.gvm.max_size,
+            drop_above=cfg.gvm.drop_above,
+            min_expected_accepts=cfg.gvm.min_expected_accepts,
         )
 
     def update(self, rollouts: Rollouts, iteration: int) -> dict[str, float]:
@@ -263,7 +330,11 @@ class Trainer:
         metrics = {"trained_samples": len(rollouts.samples), "optimizer_steps": 0}
         if not rollouts.samples:
             return metrics  # nothing accepted: skip the step rather than take an empty one
-        estimator = "raft++" if cfg.algorithm != "grpo" else ("grpo" if cfg.loss.grpo_scale_by_std else "grpo-no-std")
+        estimator = (
+            "raft++"
+            if cfg.algorithm != "grpo"
+            else ("grpo" if cfg.loss.grpo_scale_by_std else "grpo-no-std")
+        )
         group = torch.as_tensor(rollouts.group)
         advantages = compute_advantages(estimator, torch.as_tensor(rollouts.scores), group)
         batch = self._pack(rollouts.samples)
@@ -273,7 +344,9 @@ class Trainer:
         self.model.train()
         for _ in range(cfg.update.epochs):
             for rows in self._minibatches(rollouts.group, rng):
-                step = self._optimizer_step(batch.select(rows), old_logprobs[rows], advantages[rows], group[rows])
+                step = self._optimizer_step(
+                    batch.select(rows), old_logprobs[rows], advantages[rows], group[rows]
+                )
                 for k, v in step.items():
                     sums[k] = sums.get(k, 0.0) + v
                 metrics["optimizer_steps"] += 1
@@ -288,21 +361,35 @@ class Trainer:
             return {}
         cfg = self.config
         params = SamplingParams(
-            temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens, seed=derive_seed(cfg.seed, PHASE_EVAL),
+            temperature=cfg.eval.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=derive_seed(cfg.seed, PHASE_EVAL),
         )
         self.engine.sync_weights(self.model)
         result = evaluate(
-            self.engine, self.tokenizer, self.eval_records, samples=cfg.eval.samples, params=params,
-            grader=self.grader, instruction=self.instruction,
+            self.engine,
+            self.tokenizer,
+            self.eval_records,
+            samples=cfg.eval.samples,
+            params=params,
+            grader=self.grader,
+            instruction=self.instruction,
         )
-        return {"eval_accuracy": result.accuracy, **{f"eval_pass@{k}": v for k, v in result.pass_at_k.items()}}
+        return {
+            "eval_accuracy": result.accuracy,
+            **{f"eval_pass@{k}": v for k, v in result.pass_at_k.items()},
+        }
 
     # ------------------------------------------------------------------------------------------
     # Helpers
 
     def _pack(self, samples: list[Sample]) -> SequenceBatch:
-        return pack_sequences([s.prompt_ids for s in samples], [s.response_ids for s in samples], self.tokenizer.pad_token_id).to(self.device)
+        return pack_sequences(
+            [s.prompt_ids for s in samples],
+            [s.response_ids for s in samples],
+            self.tokenizer.pad_token_id,
+        ).to(self.device)
 
     def _old_logprobs(self, samples: list[Sample], batch: SequenceBatch) -> torch.Tensor:
         """pi_old of each response token: the sampling policy's log-probs, placed on the (N, T)
@@ -321,13 +408,18 @@ class Trainer:
         size = self.config.update.minibatch_size
         if self.config.update.minibatch_by == "prompts":
             prompts = rng.permutation(self.config.prompts_per_iteration)
-            chunks = [np.flatnonzero(np.isin(group, prompts[i : i + size])) for i in range(0, len(prompts), size)]
+            chunks = [
+                np.flatnonzero(np.isin(group, prompts[i : i + size]))
+                for i in range(0, len(prompts), size)
+            ]
         else:
             order = rng.permutation(len(group))
             chunks = [order[i : i + size] for i in range(0, len(order), size)]
         return [c for c in chunks if c.size]
 
-    def _optimizer_step(self, batch: SequenceBatch, old_logprobs, advantages, group) -> dict[str, float]:
+    def _optimizer_step(
+        self, batch: SequenceBatch, old_logprobs, advantages, group
+    ) -> dict[str, float]:
         """One optimizer step on a mini-batch, accumulated over micro-batches. The token weights are
         computed over the whole mini-batch, so the accumulated gradient equals the full-batch one."""
         cfg = self.config
@@ -340,13 +432,20 @@ class Trainer:
             mb = _trim(batch.select(rows))
             width = mb.input_ids.shape[1]
             w = weights[rows, :width]
-            logp, entropy = token_logprobs(self.model, mb, temperature=cfg.rollout.temperature, with_entropy=True)
+            logp, entropy = token_logprobs(
+                self.model, mb, temperature=cfg.rollout.temperature, with_entropy=True
+            )
             if cfg.algorithm == "raft":
                 per_token, stats = raft_loss(logp, mb.response_mask), {}
             else:
                 per_token, stats = clipped_policy_loss(
-                    logp, old_logprobs[rows, :width], advantages[rows].to(self.device), mb.response_mask,
-                    clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
+                    logp,
+                    old_logprobs[rows, :width],
+                    advantages[rows].to(self.device),
+                    mb.response_mask,
+                    clip_low=cfg.loss.clip_low,
+                    clip_high=cfg.loss.clip_high,
+                    dual_clip=cfg.loss.dual_clip,
                 )
             if self.reference is not None:
                 with torch.no_grad():
@@ -370,13 +469,21 @@ class Trainer:
         self.scheduler.step()
         return totals
 
-    def _generation_metrics(self, presamples: Rollouts | None, rollouts: Rollouts) -> dict[str, float]:
+    def _generation_metrics(
+        self, presamples: Rollouts | None, rollouts: Rollouts
+    ) -> dict[str, float]:
         out = {
             "samples": len(rollouts.samples),
-            "train_accuracy": float(rollouts.scores.mean()) if len(rollouts.samples) else float("nan"),
+            "train_accuracy": float(rollouts.scores.mean())
+            if len(rollouts.samples)
+            else float("nan"),
             "accepted_samples": int((rollouts.scores > 0.5).sum()),
             "response_tokens_mean": rollouts.tokens / max(len(rollouts.samples), 1),
-            "truncated_share": float(np.mean([s.finish_reason == "length" for s in rollouts.samples])) if rollouts.samples else 0.0,
+            "truncated_share": float(
+                np.mean([s.finish_reason == "length" for s in rollouts.samples])
+            )
+            if rollouts.samples
+            else 0.0,
         }
         if presamples is not None:
             out["presamples"] = len(presamples.samples)
@@ -385,8 +492,12 @@ class Trainer:
 
     def _counters(self) -> dict[str, Any]:
         s = self.state
-        return {"samples_generated": s["samples_generated"], "tokens_generated": s["tokens_generated"],
-                "total_optimizer_steps": s["optimizer_steps"], "wall_time": s["wall_time"]}
+        return {
+            "samples_generated": s["samples_generated"],
+            "tokens_generated": s["tokens_generated"],
+            "total_optimizer_steps": s["optimizer_steps"],
+            "wall_time": s["wall_time"],
+        }
 
     def _eval_due(self, iteration: int) -> bool:
         every = self.config.eval.every
@@ -397,11 +508,19 @@ class Trainer:
     def _finish_iteration(self, metrics: dict[str, Any]) -> None:
         """Log first, then checkpoint: a kill between the two re-runs the iteration and the log is
         cut back to the checkpoint on resume, so each iteration appears exactly once."""
-        self.metrics.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
+        self.metrics.log(
+            {k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"]
+        )
         self.progress.log(_summary_line(metrics))
         self.state["iteration"] = metrics["iteration"]
-        save_checkpoint(self.output_dir, model=self.model, tokenizer=self.tokenizer,
-                        optimizer=self.optimizer, scheduler=self.scheduler, state=self.state)
+        save_checkpoint(
+            self.output_dir,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self.state,
+        )
 
     def _save_final(self) -> None:
         with atomic_directory(self.output_dir / "final") as tmp:
@@ -425,13 +544,19 @@ class Metrics:
         self.values.update(values)
 
 
-def allocation_metrics(sizes: np.ndarray, p: np.ndarray, g: np.ndarray, presamples: Rollouts) -> dict[str, float]:
+def allocation_metrics(
+    sizes: np.ndarray, p: np.ndarray, g: np.ndarray, presamples: Rollouts
+) -> dict[str, float]:
     """How the budget was spread: share of prompts left out, largest n_i, entropy of n / N, and
     how G_i relates to p_i (CALIBRATION.md saw a strong negative correlation)."""
     total = sizes.sum()
     share = sizes[sizes > 0] / max(total, 1)
     live = (p > 0) & (g > 0)
-    corr = float(np.corrcoef(p[live], g[live])[0, 1]) if live.sum() > 2 and np.ptp(p[live]) > 0 and np.ptp(g[live]) > 0 else float("nan")
+    corr = (
+        float(np.corrcoef(p[live], g[live])[0, 1])
+        if live.sum() > 2 and np.ptp(p[live]) > 0 and np.ptp(g[live]) > 0
+        else float("nan")
+    )
     return {
         "alloc_zero_share": float((sizes == 0).mean()),
         "alloc_max": int(sizes.max()) if sizes.size else 0,
@@ -447,7 +572,9 @@ def allocation_metrics(sizes: np.ndarray, p: np.ndarray, g: np.ndarray, presampl
 def _trim(batch: SequenceBatch) -> SequenceBatch:
     """Drop the all-padding columns at the right of a right-padded micro-batch."""
     width = int(batch.attention_mask.sum(dim=1).max())
-    return SequenceBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.response_mask[:, :width])
+    return SequenceBatch(
+        batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.response_mask[:, :width]
+    )
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -465,7 +592,9 @@ def _engine_options(config: TrainConfig) -> dict[str, Any]:
 def _lr_lambda(config: TrainConfig):
     """Linear warm-up, then constant or cosine decay over the run's expected optimizer steps."""
     o = config.optim
-    steps_per_iteration = config.update.epochs * math.ceil(config.prompts_per_iteration / config.update.minibatch_size)
+    steps_per_iteration = config.update.epochs * math.ceil(
+        config.prompts_per_iteration / config.update.minibatch_size
+    )
     total = max(1, config.iterations * steps_per_iteration)
 
     def factor(step: int) -> float:
@@ -495,8 +624,14 @@ def _check_resumable(saved_path: Path, config: TrainConfig) -> None:
 
 def _summary_line(metrics: dict[str, Any]) -> str:
     parts = [f"iter {metrics['iteration']}"]
-    for key, fmt in (("train_accuracy", "acc={:.3f}"), ("eval_accuracy", "eval={:.3f}"), ("loss", "loss={:.4f}"),
-                     ("samples_generated", "samples={}"), ("alloc_zero_share", "zero={:.2f}"), ("wall_time", "t={:.0f}s")):
+    for key, fmt in (
+        ("train_accuracy", "acc={:.3f}"),
+        ("eval_accuracy", "eval={:.3f}"),
+        ("loss", "loss={:.4f}"),
+        ("samples_generated", "samples={}"),
+        ("alloc_zero_share", "zero={:.2f}"),
+        ("wall_time", "t={:.0f}s"),
+    ):
         if key in metrics and metrics[key] is not None:
             parts.append(fmt.format(metrics[key]))
     return " ".join(parts)

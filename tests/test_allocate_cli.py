@@ -37,11 +37,56 @@ def test_options_are_passed_through(tmp_path, capsys):
     stats = write_stats(
         tmp_path / "s.jsonl", [{"accept_rate": p, "grad_norm": 1.0} for p in (0.5, 0.25, 0.9)]
     )
-    assert main(["allocate", "--stats", str(stats), "--budget", "12", "--drop-above", "0.8", "--output", "-"]) == 0
+    assert (
+        main(
+            [
+                "allocate",
+                "--stats",
+                str(stats),
+                "--budget",
+                "12",
+                "--drop-above",
+                "0.8",
+                "--output",
+                "-",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [5, 7, 0]
-    assert main(["allocate", "--stats", str(stats), "--budget", "12", "--rule", "uniform", "--output", "-"]) == 0
+    assert (
+        main(
+            [
+                "allocate",
+                "--stats",
+                str(stats),
+                "--budget",
+                "12",
+                "--rule",
+                "uniform",
+                "--output",
+                "-",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [4, 4, 4]
-    assert main(["allocate", "--stats", str(stats), "--budget", "12", "--max-size", "5", "--output", "-"]) == 0
+    assert (
+        main(
+            [
+                "allocate",
+                "--stats",
+                str(stats),
+                "--budget",
+                "12",
+                "--max-size",
+                "5",
+                "--output",
+                "-",
+            ]
+        )
+        == 0
+    )
     sizes = json.loads(capsys.readouterr().out)
     assert sum(sizes) == 12 and max(sizes) <= 5
 
@@ -49,11 +94,17 @@ def test_options_are_passed_through(tmp_path, capsys):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (['{"accept_rate": 0.5, "grad_norm": 1}', '{"accept_rate": 1.5, "grad_norm": 1}'], ":2: accept_rate"),
+        (
+            ['{"accept_rate": 0.5, "grad_norm": 1}', '{"accept_rate": 1.5, "grad_norm": 1}'],
+            ":2: accept_rate",
+        ),
         (['{"accept_rate": 0.5, "grad_norm": 1}', '{"grad_norm": 1}'], ":2: accept_rate missing"),
         (['{"accept_rate": 0.5, "grad_norm": -1}'], ":1: grad_norm"),
         (['{"accept_rate": "high", "grad_norm": 1}'], ":1: accept_rate must be a number"),
-        (['{"accept_rate": 0.5, "grad_norm": 1}', "", '{"accept_rate": 0.5, "grad_norm": 1}'], ":2: blank line"),
+        (
+            ['{"accept_rate": 0.5, "grad_norm": 1}', "", '{"accept_rate": 0.5, "grad_norm": 1}'],
+            ":2: blank line",
+        ),
         (['{"accept_rate": 0.5, "grad_norm": 1}', "{not json"], ":2: invalid JSON"),
     ],
 )
@@ -72,14 +123,43 @@ def test_existing_output_survives_a_failed_run(tmp_path):
     stats = write_stats(tmp_path / "s.jsonl", [{"accept_rate": 0.5, "grad_norm": 1.0}])
     out = tmp_path / "sizes.json"
     out.write_text("[7]\n")
-    assert main(["allocate", "--stats", str(stats), "--budget", "4", "--max-size", "2", "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "allocate",
+                "--stats",
+                str(stats),
+                "--budget",
+                "4",
+                "--max-size",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert out.read_text() == "[7]\n"
 
 
 def test_subprocess_entry_point(tmp_path):
-    stats = write_stats(tmp_path / "s.jsonl", [{"accept_rate": 0.5, "grad_norm": 2.0}, {"accept_rate": 1.0, "grad_norm": 1.0}])
+    stats = write_stats(
+        tmp_path / "s.jsonl",
+        [{"accept_rate": 0.5, "grad_norm": 2.0}, {"accept_rate": 1.0, "grad_norm": 1.0}],
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "gvmrl", "allocate", "--stats", str(stats), "--budget", "9", "--output", "-"],
+        [
+            sys.executable,
+            "-m",
+            "gvmrl",
+            "allocate",
+            "--stats",
+            str(stats),
+            "--budget",
+            "9",
+            "--output",
+            "-",
+        ],
         capture_output=True,
         text=True,
         check=True,

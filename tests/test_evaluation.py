@@ -121,7 +121,9 @@ def tiny_checkpoint(path: Path, *, builtin: bool = False) -> Path:
     config = builtin_model_config(tokenizer).to_dict()
     config.pop("layer_types")  # derived again from num_hidden_layers
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config.from_dict({**config, "num_hidden_layers": 2, "gvmrl_builtin": builtin}))
+    model = Qwen2ForCausalLM(
+        Qwen2Config.from_dict({**config, "num_hidden_layers": 2, "gvmrl_builtin": builtin})
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -49,8 +49,13 @@ def small_config(checkpoint, data, *extra):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("iteration=3", "iteration"), ("gvm.presample=2", "gvm.presample"), ("algorithm=ppo", "algorithm"),
-     ("optim.lr=fast", "optim.lr"), ("loss.kl_kind=k9", "loss.kl_kind")],
+    [
+        ("iteration=3", "iteration"),
+        ("gvm.presample=2", "gvm.presample"),
+        ("algorithm=ppo", "algorithm"),
+        ("optim.lr=fast", "optim.lr"),
+        ("loss.kl_kind=k9", "loss.kl_kind"),
+    ],
 )
 def test_bad_config_fails_before_work(tmp_path, capsys, override, key):
     assert main(["train", "--set", override, "--output-dir", str(tmp_path / "run")]) == 2
@@ -71,11 +76,19 @@ def test_gvm_run_outputs_and_sample_accounting(tmp_path, warm_checkpoint, easy_p
         assert sum(sizes) in (0, 4 * PROMPTS) and row["samples"] == sum(sizes)
         assert row["samples_generated"] - previous == row["presamples"] + row["samples"]
         previous = row["samples_generated"]
-        for key in ("tokens_generated", "train_accuracy", "wall_time", "alloc_zero_share", "time_presample"):
+        for key in (
+            "tokens_generated",
+            "train_accuracy",
+            "wall_time",
+            "alloc_zero_share",
+            "time_presample",
+        ):
             assert key in row
         assert ("loss" in row) == (row["optimizer_steps"] > 0)
     assert rows[2]["eval_accuracy"] is not None and rows[0]["eval_accuracy"] is not None
-    assert sum(r["presample_accuracy"] for r in rows[1:]) > 0, "the warm model should solve some short chains"
+    assert sum(r["presample_accuracy"] for r in rows[1:]) > 0, (
+        "the warm model should solve some short chains"
+    )
     saved = load_config(tmp_path / "config.yaml")
     assert saved == config
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,12 +96,22 @@ def test_gvm_run_outputs_and_sample_accounting(tmp_path, warm_checkpoint, easy_p
     for sub in ("checkpoints/latest", "final"):
         AutoModelForCausalLM.from_pretrained(tmp_path / sub)
         AutoTokenizer.from_pretrained(tmp_path / sub)
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").rglob("*"))
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").rglob("*")
+    )
 
 
 def test_budget_inclusive_generates_what_uniform_generates(tmp_path, warm_checkpoint, easy_prompts):
-    inclusive = small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2",
-                             "gvm.budget_inclusive=true", "gvm.budget=32", "iterations=1", "eval.every=0")
+    inclusive = small_config(
+        warm_checkpoint,
+        easy_prompts,
+        "allocation=gvm",
+        "gvm.presamples=2",
+        "gvm.budget_inclusive=true",
+        "gvm.budget=32",
+        "iterations=1",
+        "eval.every=0",
+    )
     Trainer(inclusive, tmp_path / "inclusive").run()
     row = read_metrics(tmp_path / "inclusive" / "metrics.jsonl")[-1]
     # 2 pre-samples x 8 prompts, all trained on, plus 16 allocated: 32 = 4 x 8 as uniform draws
@@ -98,9 +121,20 @@ def test_budget_inclusive_generates_what_uniform_generates(tmp_path, warm_checkp
 
 
 def test_budget_inclusive_defaults_to_the_uniform_budget(warm_checkpoint, easy_prompts):
-    config = small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2", "gvm.budget_inclusive=true")
-    assert config.gvm_budget == 4 * PROMPTS  # samples_per_prompt x prompts, of which 2 x PROMPTS are pre-samples
-    assert small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2").gvm_budget == 2 * PROMPTS
+    config = small_config(
+        warm_checkpoint,
+        easy_prompts,
+        "allocation=gvm",
+        "gvm.presamples=2",
+        "gvm.budget_inclusive=true",
+    )
+    assert (
+        config.gvm_budget == 4 * PROMPTS
+    )  # samples_per_prompt x prompts, of which 2 x PROMPTS are pre-samples
+    assert (
+        small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2").gvm_budget
+        == 2 * PROMPTS
+    )
 
 
 def _rollouts(trainer: Trainer, seed: int = 0) -> Rollouts:
@@ -112,17 +146,28 @@ def _rollouts(trainer: Trainer, seed: int = 0) -> Rollouts:
 
 
 @pytest.mark.parametrize("algorithm", ["raft", "raft++", "grpo"])
-def test_micro_batching_does_not_change_the_update(tmp_path, warm_checkpoint, easy_prompts, algorithm):
+def test_micro_batching_does_not_change_the_update(
+    tmp_path, warm_checkpoint, easy_prompts, algorithm
+):
     """The gradient accumulated over micro-batches of 1 equals the gradient of the whole mini-batch."""
     grads = []
     for micro in (1, 64):
-        config = small_config(warm_checkpoint, easy_prompts, f"algorithm={algorithm}", "update.minibatch_size=8",
-                              f"update.micro_batch_size={micro}", "optim.grad_clip=0", "eval_data=null")
+        config = small_config(
+            warm_checkpoint,
+            easy_prompts,
+            f"algorithm={algorithm}",
+            "update.minibatch_size=8",
+            f"update.micro_batch_size={micro}",
+            "optim.grad_clip=0",
+            "eval_data=null",
+        )
         trainer = Trainer(config, tmp_path / f"micro{micro}")
         captured = {}
 
         def capture(captured=captured, model=trainer.model):  # stands in for optimizer.step
-            captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            captured.update(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
 
         trainer.optimizer.step = capture
         assert trainer.update(_rollouts(trainer), iteration=1)["optimizer_steps"] == 1
@@ -133,7 +178,9 @@ def test_micro_batching_does_not_change_the_update(tmp_path, warm_checkpoint, ea
 
 
 def test_raft_trains_only_on_accepted_samples(tmp_path, warm_checkpoint, easy_prompts):
-    config = small_config(warm_checkpoint, easy_prompts, "algorithm=raft", "eval_data=null", "optim.lr=3e-4")
+    config = small_config(
+        warm_checkpoint, easy_prompts, "algorithm=raft", "eval_data=null", "optim.lr=3e-4"
+    )
     trainer = Trainer(config, tmp_path)
     rollouts = _rollouts(trainer)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -158,25 +205,53 @@ def test_raft_trains_only_on_accepted_samples(tmp_path, warm_checkpoint, easy_pr
 
 
 def _comparable(rows):
-    return [{k: v for k, v in r.items() if k != "wall_time" and not k.startswith("time_")} for r in rows]
+    return [
+        {k: v for k, v in r.items() if k != "wall_time" and not k.startswith("time_")} for r in rows
+    ]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path, warm_checkpoint, easy_prompts):
     """kill -9 mid-run, rerun the same command: same metrics (wall time aside) and final weights."""
-    args = [f"model={warm_checkpoint}", f"train_data={easy_prompts}", f"eval_data={easy_prompts}",
-            "data.instruction=null", "data.eval_limit=8", f"prompts_per_iteration={PROMPTS}",
-            "samples_per_prompt=4", "gvm.presamples=4", "rollout.max_new_tokens=40", "eval.every=2",
-            "eval.samples=2", "update.minibatch_size=4", "optim.lr=1e-3", "allocation=gvm",
-            "iterations=5", "threads=1", "logging.progress=false"]
+    args = [
+        f"model={warm_checkpoint}",
+        f"train_data={easy_prompts}",
+        f"eval_data={easy_prompts}",
+        "data.instruction=null",
+        "data.eval_limit=8",
+        f"prompts_per_iteration={PROMPTS}",
+        "samples_per_prompt=4",
+        "gvm.presamples=4",
+        "rollout.max_new_tokens=40",
+        "eval.every=2",
+        "eval.samples=2",
+        "update.minibatch_size=4",
+        "optim.lr=1e-3",
+        "allocation=gvm",
+        "iterations=5",
+        "threads=1",
+        "logging.progress=false",
+    ]
     command = [sys.executable, "-m", "gvmrl", "train", *[a for s in args for a in ("--set", s)]]
 
-    subprocess.run([*command, "--output-dir", str(tmp_path / "whole")], check=True, capture_output=True)
+    subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "whole")], check=True, capture_output=True
+    )
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen([*command, "--output-dir", str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*command, "--output-dir", str(broken)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and len(read_metrics(broken / "metrics.jsonl") if (broken / "metrics.jsonl").exists() else []) < 3:
+    while (
+        time.time() < deadline
+        and len(
+            read_metrics(broken / "metrics.jsonl") if (broken / "metrics.jsonl").exists() else []
+        )
+        < 3
+    ):
         time.sleep(0.05)
     time.sleep(0.3)  # land somewhere inside the next iteration or its checkpoint write
     os.kill(proc.pid, signal.SIGKILL)
@@ -185,8 +260,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, warm_checkpoint, easy_p
     assert 1 <= state["iteration"] < 5, "the kill should interrupt the run"
 
     subprocess.run([*command, "--output-dir", str(broken)], check=True, capture_output=True)
-    whole, resumed = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(broken / "metrics.jsonl")
+    whole, resumed = (
+        read_metrics(tmp_path / "whole" / "metrics.jsonl"),
+        read_metrics(broken / "metrics.jsonl"),
+    )
     assert [r["iteration"] for r in resumed] == list(range(6))
     assert _comparable(resumed) == _comparable(whole)
-    a, b = load_file(tmp_path / "whole" / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    a, b = (
+        load_file(tmp_path / "whole" / "final" / "model.safetensors"),
+        load_file(broken / "final" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,16 +19,25 @@ from gvmrl.io import InputError, read_jsonl, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stats", required=True, help="JSONL with `accept_rate` and `grad_norm` per prompt")
+    parser.add_argument(
+        "--stats", required=True, help="JSONL with `accept_rate` and `grad_norm` per prompt"
+    )
     parser.add_argument("--budget", required=True, type=int, help="total samples N to allocate")
     parser.add_argument("--rule", default="gvm", choices=sorted(WEIGHT_RULES))
     parser.add_argument("--alpha", type=float, default=1e-3, help="GVM regulariser weight")
     parser.add_argument("--beta", type=float, default=2.0, help="GVM regulariser exponent")
-    parser.add_argument("--min-size", type=int, default=0, help="floor for prompts that get samples")
-    parser.add_argument("--max-size", type=int, default=None, help="cap per prompt")
-    parser.add_argument("--drop-above", type=float, default=None, help="give 0 to prompts with p > this")
     parser.add_argument(
-        "--min-expected-accepts", type=float, default=None, help="give 0 to prompts expecting fewer accepts"
+        "--min-size", type=int, default=0, help="floor for prompts that get samples"
+    )
+    parser.add_argument("--max-size", type=int, default=None, help="cap per prompt")
+    parser.add_argument(
+        "--drop-above", type=float, default=None, help="give 0 to prompts with p > this"
+    )
+    parser.add_argument(
+        "--min-expected-accepts",
+        type=float,
+        default=None,
+        help="give 0 to prompts expecting fewer accepts",
     )
     parser.add_argument("--output", required=True, help="SIZES.json, or - for stdout")
 
@@ -42,7 +51,9 @@ def read_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(accept_rates, dtype=np.float64), np.array(grad_norms, dtype=np.float64)
 
 
-def _number(row: dict, field: str, path: str, line: int, low: float, high: float, rule: str) -> float:
+def _number(
+    row: dict, field: str, path: str, line: int, low: float, high: float, rule: str
+) -> float:
     if field not in row:
         raise InputError(path, line, f"{field} missing")
     value = row[field]

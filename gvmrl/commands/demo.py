@@ -28,12 +28,20 @@ ARMS: dict[str, list[str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default="runs/demo", help="where the three runs and the summary go")
+    parser.add_argument(
+        "--output-dir", default="runs/demo", help="where the three runs and the summary go"
+    )
     parser.add_argument("--iterations", type=int, default=16, help="EM iterations per run")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config overrides applied to every run (see gvmrl train)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides applied to every run (see gvmrl train)",
+    )
 
 
 def demo_overrides(args: argparse.Namespace) -> list[str]:
@@ -67,13 +75,18 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir)
     try:
-        configs = {arm: load_config(None, demo_overrides(args) + extra) for arm, extra in ARMS.items()}
+        configs = {
+            arm: load_config(None, demo_overrides(args) + extra) for arm, extra in ARMS.items()
+        }
     except ConfigError as e:
         print(f"gvmrl demo: {e}", file=sys.stderr)
         return 2
     print(f"built-in checkpoint: {builtin_checkpoint(progress=True)}", file=sys.stderr)
     for arm, config in configs.items():
-        print(f"== {arm}: RAFT++ {config.allocation} allocation, {config.iterations} iterations", file=sys.stderr)
+        print(
+            f"== {arm}: RAFT++ {config.allocation} allocation, {config.iterations} iterations",
+            file=sys.stderr,
+        )
         train(config, out / arm)
 
     runs = {arm: load_run(out / arm) for arm in configs}
@@ -81,32 +94,59 @@ def run(args: argparse.Namespace) -> int:
     target = float(fit_saturating(x, y)(x[-1]))
     rows = []
     for arm, metrics in runs.items():
-        row = {"method": arm, "final_eval_accuracy": metrics[-1].get("eval_accuracy"), "iterations": metrics[-1]["iteration"],
-               "samples_generated": metrics[-1]["samples_generated"], "wall_time_s": metrics[-1]["wall_time"]}
-        for axis, name in (("iteration", "iterations_to_target"), ("samples_generated", "samples_to_target"),
-                           ("wall_time", "seconds_to_target")):
+        row = {
+            "method": arm,
+            "final_eval_accuracy": metrics[-1].get("eval_accuracy"),
+            "iterations": metrics[-1]["iteration"],
+            "samples_generated": metrics[-1]["samples_generated"],
+            "wall_time_s": metrics[-1]["wall_time"],
+        }
+        for axis, name in (
+            ("iteration", "iterations_to_target"),
+            ("samples_generated", "samples_to_target"),
+            ("wall_time", "seconds_to_target"),
+        ):
             cx, cy = eval_curve(metrics, axis)
             row[name] = fit_saturating(cx, cy).cost_to_reach(target)
         rows.append(row)
     base = rows[0]
     for row in rows:
-        row["sample_speedup_vs_uniform"] = _ratio(base["samples_to_target"], row["samples_to_target"])
-        row["iteration_speedup_vs_uniform"] = _ratio(base["iterations_to_target"], row["iterations_to_target"])
+        row["sample_speedup_vs_uniform"] = _ratio(
+            base["samples_to_target"], row["samples_to_target"]
+        )
+        row["iteration_speedup_vs_uniform"] = _ratio(
+            base["iterations_to_target"], row["iterations_to_target"]
+        )
 
-    columns = ["method", "final_eval_accuracy", "iterations_to_target", "samples_to_target", "seconds_to_target",
-               "sample_speedup_vs_uniform", "iteration_speedup_vs_uniform"]
+    columns = [
+        "method",
+        "final_eval_accuracy",
+        "iterations_to_target",
+        "samples_to_target",
+        "seconds_to_target",
+        "sample_speedup_vs_uniform",
+        "iteration_speedup_vs_uniform",
+    ]
     table = format_table(rows, columns)
     start = float(y[0])
-    header = (f"RAFT++ on the built-in task, {args.prompts} prompts x 8 samples per iteration, seed {args.seed}.\n"
-              f"Target accuracy {target:.3f}: where uniform allocation's fitted curve ends (iteration {int(x[-1])}).\n"
-              "x_to_target: where each run's fitted held-out accuracy curve reaches the target (inf: not reached).\n")
+    header = (
+        f"RAFT++ on the built-in task, {args.prompts} prompts x 8 samples per iteration, seed {args.seed}.\n"
+        f"Target accuracy {target:.3f}: where uniform allocation's fitted curve ends (iteration {int(x[-1])}).\n"
+        "x_to_target: where each run's fitted held-out accuracy curve reaches the target (inf: not reached).\n"
+    )
     if target <= start:
-        header += (f"Note: uniform allocation ended at or below the starting accuracy ({start:.3f}), so every run\n"
-                   "'reaches' the target at 0 and the cost columns compare nothing; compare final accuracies.\n")
+        header += (
+            f"Note: uniform allocation ended at or below the starting accuracy ({start:.3f}), so every run\n"
+            "'reaches' the target at 0 and the cost columns compare nothing; compare final accuracies.\n"
+        )
     write_json(out / "summary.json", json_ready({"target_accuracy": target, "runs": rows}))
     write_text(out / "summary.txt", header + "\n" + table + "\n")
-    plot_curves({arm: [m] for arm, m in runs.items()}, out / "curves.png", target=target,
-                title="RAFT++ on the built-in task: uniform vs GVM allocation")
+    plot_curves(
+        {arm: [m] for arm, m in runs.items()},
+        out / "curves.png",
+        target=target,
+        title="RAFT++ on the built-in task: uniform vs GVM allocation",
+    )
     print(header + "\n" + table)
     print(f"\nwrote {out / 'summary.json'}, {out / 'summary.txt'}, {out / 'curves.png'}")
     return 0

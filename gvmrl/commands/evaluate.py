@@ -140,9 +140,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
     engine = make_engine(args.engine, model, tokenizer, max_batch_sequences=args.batch_size)
-    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[
-        "builtin" if args.model == BUILTIN else "other"
-    ]
+    max_new_tokens = (
+        args.max_new_tokens
+        or DEFAULT_MAX_NEW_TOKENS["builtin" if args.model == BUILTIN else "other"]
+    )
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

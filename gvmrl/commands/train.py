@@ -7,12 +7,20 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see configs/); defaults apply to missing keys")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--config", help="YAML config (see configs/); defaults apply to missing keys"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, dotted for sections (e.g. --set allocation=gvm --set gvm.presamples=4)",
     )
-    parser.add_argument("--output-dir", required=True, help="run directory; an existing checkpoint there is resumed")
+    parser.add_argument(
+        "--output-dir", required=True, help="run directory; an existing checkpoint there is resumed"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,5 +39,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"gvmrl train: {e}", file=sys.stderr)
         return 2
-    print(f"finished iteration {metrics.get('iteration', 0)}; outputs in {args.output_dir}", file=sys.stderr)
+    print(
+        f"finished iteration {metrics.get('iteration', 0)}; outputs in {args.output_dir}",
+        file=sys.stderr,
+    )
     return 0

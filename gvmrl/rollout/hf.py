@@ -132,8 +132,8 @@ class HFEngine:
         self.max_batch_sequences = max_batch_sequences
         self.max_batch_tokens = max_batch_tokens
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(
-            self.eos_ids
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         )
 
     def sync_weights(self, model: torch.nn.Module) -> None:
