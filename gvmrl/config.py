@@ -9,6 +9,7 @@ fail before any work with a message naming the key; combinations that cannot wor
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -338,6 +339,13 @@ def load_config(
             )
         _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return _build(TrainConfig, values, prefix="").validate()
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`, for every command that builds a config."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

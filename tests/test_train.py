@@ -16,35 +16,36 @@ from safetensors.torch import load_file
 
 from gvmrl.cli import main
 from gvmrl.config import load_config
-from gvmrl.train import Rollouts, Trainer
 from gvmrl.tracking import read_metrics
+from gvmrl.train import Rollouts, Trainer
 
 PROMPTS = 8
 
 
+def small_overrides(checkpoint, data):
+    """A run small enough for tests: 8 prompts x 4 samples, short responses, one thread."""
+    return [
+        f"model={checkpoint}",
+        f"train_data={data}",
+        f"eval_data={data}",
+        "data.instruction=null",
+        "data.eval_limit=8",
+        f"prompts_per_iteration={PROMPTS}",
+        "samples_per_prompt=4",
+        "gvm.presamples=4",
+        "rollout.max_new_tokens=40",
+        "eval.every=2",
+        "eval.samples=2",
+        "update.minibatch_size=4",
+        "update.micro_batch_size=8",
+        "optim.lr=1e-3",
+        "logging.progress=false",
+        "threads=1",
+    ]
+
+
 def small_config(checkpoint, data, *extra):
-    return load_config(
-        None,
-        [
-            f"model={checkpoint}",
-            f"train_data={data}",
-            f"eval_data={data}",
-            "data.instruction=null",
-            "data.eval_limit=8",
-            f"prompts_per_iteration={PROMPTS}",
-            "samples_per_prompt=4",
-            "gvm.presamples=4",
-            "rollout.max_new_tokens=40",
-            "eval.every=2",
-            "eval.samples=2",
-            "update.minibatch_size=4",
-            "update.micro_batch_size=8",
-            "optim.lr=1e-3",
-            "logging.progress=false",
-            "threads=1",
-            *extra,
-        ],
-    )
+    return load_config(None, [*small_overrides(checkpoint, data), *extra])
 
 
 @pytest.mark.parametrize(
@@ -213,25 +214,7 @@ def _comparable(rows):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path, warm_checkpoint, easy_prompts):
     """kill -9 mid-run, rerun the same command: same metrics (wall time aside) and final weights."""
-    args = [
-        f"model={warm_checkpoint}",
-        f"train_data={easy_prompts}",
-        f"eval_data={easy_prompts}",
-        "data.instruction=null",
-        "data.eval_limit=8",
-        f"prompts_per_iteration={PROMPTS}",
-        "samples_per_prompt=4",
-        "gvm.presamples=4",
-        "rollout.max_new_tokens=40",
-        "eval.every=2",
-        "eval.samples=2",
-        "update.minibatch_size=4",
-        "optim.lr=1e-3",
-        "allocation=gvm",
-        "iterations=5",
-        "threads=1",
-        "logging.progress=false",
-    ]
+    args = [*small_overrides(warm_checkpoint, easy_prompts), "allocation=gvm", "iterations=5"]
     command = [sys.executable, "-m", "gvmrl", "train", *[a for s in args for a in ("--set", s)]]
 
     subprocess.run(

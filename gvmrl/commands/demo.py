@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+from gvmrl.config import add_override_argument
+
 ARMS: dict[str, list[str]] = {
     "uniform": ["allocation=uniform"],
     "gvm": ["allocation=gvm", "gvm.presamples=8"],
@@ -34,13 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=16, help="EM iterations per run")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config overrides applied to every run (see gvmrl train)",
+    add_override_argument(
+        parser, help="extra config overrides applied to every run (see gvmrl train)"
     )
 
 

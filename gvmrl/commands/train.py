@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gvmrl.config import add_override_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="YAML config (see configs/); defaults apply to missing keys"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
+    add_override_argument(
+        parser,
         help="override a config key, dotted for sections (e.g. --set allocation=gvm --set gvm.presamples=4)",
     )
     parser.add_argument(
