@@ -3,7 +3,7 @@
 The built-in model is what runs everywhere without downloads: a character-level tokenizer built
 with `tokenizers` and a ~1.06M-parameter Qwen2 (hidden 128, 4 layers, 4 heads, MLP 512, tied
 embeddings; CALIBRATION.md found 2 layers learn only 1-2-step chains). Its weights come from
-`gvmrl pretrain` and are cached under `$GVMRL_CACHE` (default `~/.cache/gvmrl`) as `builtin-v1`,
+`gvmrl pretrain` and are cached under `$GVMRL_CACHE` (default `~/.cache/gvmrl`) as `builtin-v2`,
 a normal Hugging Face checkpoint directory that `from_pretrained` loads.
 
 Prompts for the built-in model use no instruction (`format_prompt(tok, problem, None)`): a
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     )
 
 BUILTIN = "builtin"
-BUILTIN_VERSION = "builtin-v1"  # bump when the task, tokenizer or architecture changes
+BUILTIN_VERSION = "builtin-v2"  # bump when the task, tokenizer, architecture or warm start changes
 
 PAD, END, UNK = "<|pad|>", "<|end|>", "<|unk|>"
 ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>")

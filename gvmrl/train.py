@@ -343,7 +343,13 @@ class Trainer:
         sums: dict[str, float] = {}
         self.model.train()
         for _ in range(cfg.update.epochs):
-            for rows in self._minibatches(rollouts.group, rng):
+            for rows in minibatch_rows(
+                rollouts.group,
+                by=cfg.update.minibatch_by,
+                size=cfg.update.minibatch_size,
+                num_prompts=cfg.prompts_per_iteration,
+                rng=rng,
+            ):
                 step = self._optimizer_step(
                     batch.select(rows), old_logprobs[rows], advantages[rows], group[rows]
                 )
@@ -401,21 +407,6 @@ class Trainer:
             start = len(s.prompt_ids)
             old[j, start : start + len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
         return old.to(self.device)
-
-    def _minibatches(self, group: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-        """Row indices of each mini-batch: whole prompts (a fixed number of optimizer steps per
-        iteration whatever the allocation) or a fixed number of samples."""
-        size = self.config.update.minibatch_size
-        if self.config.update.minibatch_by == "prompts":
-            prompts = rng.permutation(self.config.prompts_per_iteration)
-            chunks = [
-                np.flatnonzero(np.isin(group, prompts[i : i + size]))
-                for i in range(0, len(prompts), size)
-            ]
-        else:
-            order = rng.permutation(len(group))
-            chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return [c for c in chunks if c.size]
 
     def _optimizer_step(
         self, batch: SequenceBatch, old_logprobs, advantages, group
@@ -567,6 +558,27 @@ def allocation_metrics(
         "corr_accept_rate_grad_norm": corr,
         "samples_per_prompt": sizes.tolist(),
     }
+
+
+def minibatch_rows(
+    group: np.ndarray, *, by: str, size: int, num_prompts: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Row indices of each mini-batch of one epoch; every row lands in exactly one.
+
+    by="prompts": `size` whole prompts per mini-batch (rows of prompt group[j]), so an iteration
+    takes ceil(num_prompts / size) optimizer steps whatever the allocation gave each prompt (empty
+    mini-batches, of prompts without samples, are dropped); by="samples": `size` rows each.
+    """
+    if by == "prompts":
+        prompts = rng.permutation(num_prompts)
+        chunks = [
+            np.flatnonzero(np.isin(group, prompts[i : i + size]))
+            for i in range(0, num_prompts, size)
+        ]
+    else:
+        order = rng.permutation(len(group))
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    return [c for c in chunks if c.size]
 
 
 def _trim(batch: SequenceBatch) -> SequenceBatch:

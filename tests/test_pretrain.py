@@ -40,14 +40,14 @@ def test_collate_masks_prompt_and_padding():
     assert batch["labels"].tolist() == [[ignore, ignore, 7, 8], [ignore, 10, ignore, ignore]]
 
 
-def test_learning_rate_warms_up_then_decays_by_cosine():
-    assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert learning_rate(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert learning_rate(10, 100, 1.0, 10) == pytest.approx(1.0)
-    assert learning_rate(55, 100, 1.0, 10) == pytest.approx(
-        0.5
-    )  # halfway through the decay: cos(pi/2)
-    assert learning_rate(100, 100, 1.0, 10) == pytest.approx(0.0, abs=1e-12)
+def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
+    assert learning_rate(0, 100, 1.0, 10, floor=0.1) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10, floor=0.1) == pytest.approx(1.0)
+    assert learning_rate(10, 100, 1.0, 10, floor=0.1) == pytest.approx(1.0)
+    # halfway through the decay: cos(pi/2) = 0, so halfway between peak and floor
+    assert learning_rate(55, 100, 1.0, 10, floor=0.1) == pytest.approx(0.55)
+    assert learning_rate(100, 100, 1.0, 10, floor=0.1) == pytest.approx(0.1)
+    assert learning_rate(100, 100, 2.0, 10, floor=0.0) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_micro_batches_give_the_full_batch_step():
@@ -97,6 +97,9 @@ def test_short_pretrain_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path
 def test_pretrain_cli_matches_the_library_given_the_seed(tmp_path, capsys):
     assert main(["pretrain", "--output", str(tmp_path / "bad"), "--steps", "0"]) == 2
     assert "--steps: must be >= 1" in capsys.readouterr().err
+    assert main(["pretrain", "--output", str(tmp_path / "bad"), "--min-lr-ratio", "1.5"]) == 2
+    assert "--min-lr-ratio: must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     output = tmp_path / "cli"
     result = subprocess.run(
         [

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from gvmrl.cli import main
 from gvmrl.config import load_config
 from gvmrl.tracking import read_metrics
-from gvmrl.train import Rollouts, Trainer
+from gvmrl.train import Rollouts, Trainer, minibatch_rows
 
 PROMPTS = 8
 
@@ -46,6 +46,30 @@ def small_overrides(checkpoint, data):
 
 def small_config(checkpoint, data, *extra):
     return load_config(None, [*small_overrides(checkpoint, data), *extra])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_minibatches_by_prompts_keep_prompts_whole(seed):
+    group = np.array([0, 0, 1, 2, 2, 2, 3, 5, 5])  # prompt 4 has no rows
+    chunks = minibatch_rows(
+        group, by="prompts", size=2, num_prompts=6, rng=np.random.default_rng(seed)
+    )
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(len(group)))
+    for chunk in chunks:
+        assert 1 <= len(set(group[chunk].tolist())) <= 2
+    for prompt in set(group.tolist()):
+        holding = [i for i, chunk in enumerate(chunks) if prompt in group[chunk]]
+        assert len(holding) == 1, f"prompt {prompt} split over mini-batches {holding}"
+    assert len(chunks) == 3  # six prompts in pairs; prompt 4 always shares with a live one here
+
+
+def test_minibatches_by_samples_cut_a_permutation():
+    group = np.array([0, 0, 1, 2, 2, 2, 3])
+    chunks = minibatch_rows(
+        group, by="samples", size=3, num_prompts=4, rng=np.random.default_rng(0)
+    )
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(len(group)))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from gvmrl.config import add_override_argument
+from gvmrl.config import BUILTIN_RECIPE, add_override_argument
 
 ARMS: dict[str, list[str]] = {
     "uniform": ["allocation=uniform"],
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir", default="runs/demo", help="where the three runs and the summary go"
     )
     parser.add_argument("--iterations", type=int, default=16, help="EM iterations per run")
-    parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per iteration")
     parser.add_argument("--seed", type=int, default=0)
     add_override_argument(
         parser, help="extra config overrides applied to every run (see gvmrl train)"
@@ -51,11 +51,9 @@ def demo_overrides(args: argparse.Namespace) -> list[str]:
         f"prompts_per_iteration={args.prompts}",
         "samples_per_prompt=8",
         f"seed={args.seed}",
-        "optim.lr=1e-4",
-        "reward=answer+arithmetic",  # see gvmrl.rewards: lucky final answers are common on this task
-        "update.minibatch_by=prompts",
+        *BUILTIN_RECIPE,
         f"update.minibatch_size={max(1, args.prompts // 4)}",
-        "eval.every=2",
+        "eval.every=4",
         "eval.samples=4",
         "data.eval_limit=128",
         *args.overrides,

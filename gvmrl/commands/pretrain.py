@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=3e-3, help="peak learning rate (AdamW, cosine decay)"
     )
     parser.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        help="the cosine decays to this share of --lr (default: gvmrl.pretrain.MIN_LR_RATIO; "
+        "0 anneals fully, which leaves a poor warm start for RL, see BENCHMARKS.md)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of initialisation and batch order"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -33,18 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gvmrl.io import InputError
     from gvmrl.models import BUILTIN_VERSION, cache_root
-    from gvmrl.pretrain import DEFAULT_STEPS, pretrain
+    from gvmrl.pretrain import DEFAULT_STEPS, MIN_LR_RATIO, pretrain
 
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     for flag, value in (("--steps", steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise InputError(flag, None, "must be >= 1")
+    if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
+        raise InputError("--min-lr-ratio", None, "must be in [0, 1]")
     output = args.output or cache_root() / BUILTIN_VERSION
     metrics = pretrain(
         output,
         steps=steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        min_lr_ratio=MIN_LR_RATIO if args.min_lr_ratio is None else args.min_lr_ratio,
         seed=args.seed,
         progress=not args.quiet,
     )
