@@ -39,13 +39,15 @@ class SaturatingFit:
     def __call__(self, x):
         return self.plateau - self.drop * np.exp(-np.asarray(x, dtype=np.float64) / self.tau)
 
-    def cost_to_reach(self, target: float) -> float:
-        """Smallest x with acc(x) >= target: 0 if the start is already there, inf if the plateau is not."""
+    def cost_to_reach(self, target: float, horizon: float = math.inf) -> float:
+        """Smallest x with acc(x) >= target: 0 if the start is already there, inf if the plateau
+        is not, or if x lies beyond `horizon` (pass the last measured x: no extrapolation)."""
         if self(0.0) >= target:
             return 0.0
         if self.drop <= 0 or self.plateau <= target:
             return math.inf
-        return -self.tau * math.log((self.plateau - target) / self.drop)
+        cost = -self.tau * math.log((self.plateau - target) / self.drop)
+        return cost if cost <= horizon else math.inf
 
 
 def fit_saturating(x, y) -> SaturatingFit:
@@ -75,10 +77,22 @@ def eval_curve(metrics: list[dict[str, Any]], axis: str) -> tuple[np.ndarray, np
     )
 
 
+# How far past the last measurement a fitted curve may be read: fits of one run against different
+# axes (iterations, wall time) end a little apart, so a reading just past the end still counts.
+EXTRAPOLATION_SLACK = 0.05
+
+
+def fitted_cost(x, y, target: float) -> float:
+    """Cost at which the curve fitted to (x, y) reaches `target`; inf when not within the data."""
+    x = np.asarray(x, dtype=np.float64)
+    return fit_saturating(x, y).cost_to_reach(
+        target, horizon=float(x.max()) * (1 + EXTRAPOLATION_SLACK)
+    )
+
+
 def cost_to_target(metrics: list[dict[str, Any]], target: float, axis: str) -> float:
     """Cost (on `axis`) at which the run's fitted eval-accuracy curve reaches `target`."""
-    x, y = eval_curve(metrics, axis)
-    return fit_saturating(x, y).cost_to_reach(target)
+    return fitted_cost(*eval_curve(metrics, axis), target)
 
 
 def load_run(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ def demo_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gvmrl.analysis import eval_curve, fit_saturating, load_run, plot_curves
+    from gvmrl.analysis import cost_to_target, eval_curve, fit_saturating, load_run, plot_curves
     from gvmrl.config import ConfigError, load_config
     from gvmrl.io import json_ready, write_json, write_text
     from gvmrl.models import builtin_checkpoint
@@ -101,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
             ("samples_generated", "samples_to_target"),
             ("wall_time", "seconds_to_target"),
         ):
-            cx, cy = eval_curve(metrics, axis)
-            row[name] = fit_saturating(cx, cy).cost_to_reach(target)
+            row[name] = cost_to_target(metrics, target, axis)
         rows.append(row)
     base = rows[0]
     for row in rows:
@@ -127,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     header = (
         f"RAFT++ on the built-in task, {args.prompts} prompts x 8 samples per iteration, seed {args.seed}.\n"
         f"Target accuracy {target:.3f}: where uniform allocation's fitted curve ends (iteration {int(x[-1])}).\n"
-        "x_to_target: where each run's fitted held-out accuracy curve reaches the target (inf: not reached).\n"
+        "x_to_target: where each run's fitted held-out accuracy curve reaches the target (inf: not within the run).\n"
     )
     if target <= start:
         header += (
