@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gvmrl.analysis import (
+    cost_at_iteration,
     cost_to_target,
     eval_curve,
     fit_saturating,
@@ -127,8 +128,10 @@ def summarise(runs: dict[str, list[list[dict]]]) -> tuple[float, list[dict]]:
             row[f"{name}_reached"] = f"{len(finite)}/{len(costs)}"
             # With few seeds a seed's own curve often ends a little below the seed-mean target;
             # the seed-mean curve of each arm still gives a comparable reading.
-            mean_x, mean_y = _mean_curve(seeds, axis)
-            row[f"{name}_to_target_of_mean"] = fitted_cost(mean_x, mean_y, target)
+            iteration = fitted_cost(*_mean_curve(seeds, "iteration"), target)
+            row[f"{name}_to_target_of_mean"] = float(
+                np.mean([cost_at_iteration(m, iteration, axis) for m in seeds])
+            )
         iters = [r for m in seeds for r in m if r["iteration"] > 0]
         start, final = (
             np.array([eval_curve(m, "iteration")[1][i] for m in seeds]) for i in (0, -1)

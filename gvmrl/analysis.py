@@ -77,9 +77,9 @@ def eval_curve(metrics: list[dict[str, Any]], axis: str) -> tuple[np.ndarray, np
     )
 
 
-# How far past the last measurement a fitted curve may be read: fits of one run against different
-# axes (iterations, wall time) end a little apart, so a reading just past the end still counts.
-EXTRAPOLATION_SLACK = 0.05
+# How far past the last evaluation a fitted curve may be read: the run that defines the target
+# reaches it exactly at its end, and rounding must not turn that into "not reached".
+EXTRAPOLATION_SLACK = 0.01
 
 
 def fitted_cost(x, y, target: float) -> float:
@@ -90,9 +90,22 @@ def fitted_cost(x, y, target: float) -> float:
     )
 
 
+def cost_at_iteration(metrics: list[dict[str, Any]], iteration: float, axis: str) -> float:
+    """The run's cumulative cost on `axis` at a (fractional) iteration, linearly interpolated."""
+    if not math.isfinite(iteration):
+        return math.inf
+    xp = [float(r["iteration"]) for r in metrics]
+    return float(np.interp(iteration, xp, [float(r[axis]) for r in metrics]))
+
+
 def cost_to_target(metrics: list[dict[str, Any]], target: float, axis: str) -> float:
-    """Cost (on `axis`) at which the run's fitted eval-accuracy curve reaches `target`."""
-    return fitted_cost(*eval_curve(metrics, axis), target)
+    """Cost (on `axis`) at which the run's fitted eval-accuracy curve reaches `target`.
+
+    The curve is fitted once, against iterations, and the iteration where it reaches the target
+    is converted to generated samples or wall time through the run's own counters: one reading
+    per run, so the axes cannot disagree about whether the target was reached."""
+    iteration = fitted_cost(*eval_curve(metrics, "iteration"), target)
+    return iteration if axis == "iteration" else cost_at_iteration(metrics, iteration, axis)
 
 
 def load_run(run_dir: str | Path) -> list[dict[str, Any]]:

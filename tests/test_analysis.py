@@ -32,21 +32,20 @@ def test_cost_to_reach_hand_derived():
 
 
 def test_cost_to_target_reads_evaluated_rows_only_and_does_not_extrapolate():
-    rows = [
-        {
-            "iteration": i,
-            "samples_generated": 100 * i,
-            "eval_accuracy": 0.6 - 0.1 * math.exp(-i / 5),
-        }
-        if i % 4 == 0
-        else {"iteration": i, "samples_generated": 100 * i}
-        for i in range(13)
-    ]
+    rows = [{"iteration": i, "samples_generated": 100 * i, "wall_time": i * i} for i in range(13)]
+    for row in rows[::4]:  # evaluated every 4 iterations
+        row["eval_accuracy"] = 0.6 - 0.1 * math.exp(-row["iteration"] / 5)
     x, _ = eval_curve(rows, "samples_generated")
     assert x.tolist() == [0, 400, 800, 1200]
     assert cost_to_target(rows, 0.55, "iteration") == pytest.approx(5 * math.log(2), rel=0.03)
     assert cost_to_target(rows, 0.55, "samples_generated") == pytest.approx(
         500 * math.log(2), rel=0.03
+    )
+    # the iteration read off the fit, 5 ln 2 ~ 3.47, converted through the run's own clock:
+    # between iteration 3 (9 s) and 4 (16 s)
+    crossing = 5 * math.log(2)
+    assert cost_to_target(rows, 0.55, "wall_time") == pytest.approx(
+        9 + (crossing - 3) * 7, rel=0.03
     )
     # 0.59 would be reached at 5 ln 10 ~ 11.5 iterations: inside the run; 0.595 at 15: beyond it
     assert cost_to_target(rows, 0.59, "iteration") == pytest.approx(5 * math.log(10), rel=0.03)
