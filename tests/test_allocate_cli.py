@@ -37,57 +37,15 @@ def test_options_are_passed_through(tmp_path, capsys):
     stats = write_stats(
         tmp_path / "s.jsonl", [{"accept_rate": p, "grad_norm": 1.0} for p in (0.5, 0.25, 0.9)]
     )
-    assert (
-        main(
-            [
-                "allocate",
-                "--stats",
-                str(stats),
-                "--budget",
-                "12",
-                "--drop-above",
-                "0.8",
-                "--output",
-                "-",
-            ]
-        )
-        == 0
-    )
-    assert json.loads(capsys.readouterr().out) == [5, 7, 0]
-    assert (
-        main(
-            [
-                "allocate",
-                "--stats",
-                str(stats),
-                "--budget",
-                "12",
-                "--rule",
-                "uniform",
-                "--output",
-                "-",
-            ]
-        )
-        == 0
-    )
-    assert json.loads(capsys.readouterr().out) == [4, 4, 4]
-    assert (
-        main(
-            [
-                "allocate",
-                "--stats",
-                str(stats),
-                "--budget",
-                "12",
-                "--max-size",
-                "5",
-                "--output",
-                "-",
-            ]
-        )
-        == 0
-    )
-    sizes = json.loads(capsys.readouterr().out)
+
+    def sizes_with(*options: str) -> list[int]:
+        argv = ["allocate", "--stats", str(stats), "--budget", "12", *options, "--output", "-"]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert sizes_with("--drop-above", "0.8") == [5, 7, 0]
+    assert sizes_with("--rule", "uniform") == [4, 4, 4]
+    sizes = sizes_with("--max-size", "5")
     assert sum(sizes) == 12 and max(sizes) <= 5
 
 
