@@ -60,6 +60,7 @@ def allocate(
     max_size: int | None = None,
     drop_above: float | None = None,
     min_expected_accepts: float | None = None,
+    uniform_share: float = 0.0,
 ) -> np.ndarray:
     """Split an integer sampling budget over prompts in proportion to the rule's weights.
 
@@ -76,6 +77,10 @@ def allocate(
         drop_above: prompts with p_i > drop_above get 0 (too easy to teach anything).
         min_expected_accepts: prompts whose expected accepted count p_i * n_i under the plain
             proportional allocation is below this get 0; the others share the budget.
+        uniform_share: lambda in [0, 1): weights become (1 - lambda) w_i / sum(w) + lambda / B'
+            over the B' prompts no filter removed, so every such prompt keeps about lambda x
+            budget / B' samples even where noisy pre-samples estimated p_i = 0 or G_i = 0 (a
+            defensive mixture with uniform allocation; bench/variance.py measures why it helps).
 
     Returns:
         (B,) int64 sizes n_i. They sum to `budget` exactly. Without caps or filters each n_i is
@@ -88,7 +93,14 @@ def allocate(
         ValueError naming the argument and the first bad index for invalid input.
     """
     p, g = _validate(
-        accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts
+        accept_rates,
+        grad_norms,
+        budget,
+        min_size,
+        max_size,
+        drop_above,
+        min_expected_accepts,
+        uniform_share,
     )
     if rule not in WEIGHT_RULES:
         raise ValueError(f"rule: unknown rule {rule!r}; choose one of {sorted(WEIGHT_RULES)}")
@@ -98,12 +110,18 @@ def allocate(
         raise ValueError(f"beta: must be finite, got {beta}")
 
     weights = WEIGHT_RULES[rule](p, g, alpha, beta)
+    eligible = np.ones(p.shape, dtype=bool)
     if drop_above is not None:
-        weights[p > drop_above] = 0.0
-    if min_expected_accepts is not None and weights.sum() > 0:
+        eligible &= p <= drop_above
+    if min_expected_accepts is not None and weights[eligible].sum() > 0:
         # One pass suffices: dropping prompts only raises the others' shares.
-        expected_accepts = p * budget * weights / weights.sum()
-        weights[expected_accepts < min_expected_accepts] = 0.0
+        expected_accepts = p * budget * weights / weights[eligible].sum()
+        eligible &= expected_accepts >= min_expected_accepts
+    weights[~eligible] = 0.0
+    if uniform_share > 0 and eligible.any():
+        total = weights.sum()
+        rule_share = weights / total if total > 0 else np.zeros_like(weights)
+        weights = (1.0 - uniform_share) * rule_share + uniform_share * eligible / eligible.sum()
 
     sizes = np.zeros(p.shape, dtype=np.int64)
     live = weights > 0
@@ -128,7 +146,14 @@ def allocate(
 
 
 def _validate(
-    accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts
+    accept_rates,
+    grad_norms,
+    budget,
+    min_size,
+    max_size,
+    drop_above,
+    min_expected_accepts,
+    uniform_share,
 ):
     p = np.asarray(accept_rates, dtype=np.float64)
     g = np.asarray(grad_norms, dtype=np.float64)
@@ -162,6 +187,8 @@ def _validate(
         raise ValueError(f"drop_above: must be in [0, 1], got {drop_above}")
     if min_expected_accepts is not None and not min_expected_accepts >= 0:
         raise ValueError(f"min_expected_accepts: must be >= 0, got {min_expected_accepts}")
+    if not 0 <= uniform_share < 1:
+        raise ValueError(f"uniform_share: must be in [0, 1), got {uniform_share}")
     return p, g
 
 

@@ -92,6 +92,9 @@ class GVMConfig:
     """Give 0 samples to prompts with p_i above this."""
     min_expected_accepts: float | None = None
     """Give 0 samples to prompts expecting fewer accepted samples than this."""
+    uniform_share: float = 0.0
+    """Share of the budget spread evenly over all prompts, the rest by the GVM rule: keeps
+    samples on prompts whose few pre-samples happened to all fail (0: the paper's rule)."""
     reuse_presamples: bool = False
     """Also train on the pre-samples (the paper does not)."""
     budget_inclusive: bool = False
@@ -279,6 +282,7 @@ class TrainConfig:
             "embed_tokens or lm_head",
         )
         check(min(g.accept_prior) >= 0, "gvm.accept_prior", "Beta prior parameters must be >= 0")
+        check(0 <= g.uniform_share < 1, "gvm.uniform_share", "must be in [0, 1)")
         check(
             not (g.budget_inclusive and g.reuse_presamples),
             "gvm.reuse_presamples",

@@ -306,7 +306,7 @@ class Trainer:
         budget = cfg.gvm_budget - (
             cfg.gvm.presamples * num_prompts if cfg.gvm.budget_inclusive else 0
         )
-        if not ((p > 0) & (g > 0)).any():
+        if not ((p > 0) & (g > 0)).any() and cfg.gvm.uniform_share == 0:
             self.progress.log("no pre-sample was accepted: no samples allocated this iteration")
             return np.zeros(num_prompts, dtype=np.int64)
         return allocate(
@@ -320,6 +320,7 @@ class Trainer:
             max_size=cfg.gvm.max_size,
             drop_above=cfg.gvm.drop_above,
             min_expected_accepts=cfg.gvm.min_expected_accepts,
+            uniform_share=cfg.gvm.uniform_share,
         )
 
     def update(self, rollouts: Rollouts, iteration: int) -> dict[str, float]:

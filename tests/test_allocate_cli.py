@@ -45,6 +45,8 @@ def test_options_are_passed_through(tmp_path, capsys):
 
     assert sizes_with("--drop-above", "0.8") == [5, 7, 0]
     assert sizes_with("--rule", "uniform") == [4, 4, 4]
+    # rule shares .3172, .4460, .2368 mixed .1 : .9 with 1/3 each -> 3.98, 4.14, 3.88 of 12
+    assert sizes_with("--uniform-share", "0.9") == [4, 4, 4]
     sizes = sizes_with("--max-size", "5")
     assert sum(sizes) == 12 and max(sizes) <= 5
 

@@ -99,6 +99,26 @@ def test_caps_too_small_for_live_prompts_fill_and_warn():
     assert sizes.tolist() == [4, 0, 0]
 
 
+def test_uniform_share_mixes_in_an_even_split():
+    # alpha=0: G/sqrt(p) = 4, 1, 0 -> rule shares .8, .2, 0. With lambda = .25 over all three
+    # prompts: .75 * (.8, .2, 0) + .25 / 3 = .68333, .23333, .08333 -> 82, 28, 10 of 120. The
+    # prompt whose pre-samples all failed (p = 0) keeps samples.
+    sizes = allocate([0.25, 1.0, 0.0], [2.0, 1.0, 0.0], 120, alpha=0.0, uniform_share=0.25)
+    assert sizes.tolist() == [82, 28, 10]
+
+
+def test_uniform_share_leaves_filtered_prompts_out():
+    # drop_above=.9 removes prompt 1: .75 * (1, 0, 0) + .25 * (.5, 0, .5) = .875, 0, .125
+    sizes = allocate(
+        [0.25, 1.0, 0.0], [2.0, 1.0, 0.0], 120, alpha=0.0, drop_above=0.9, uniform_share=0.25
+    )
+    assert sizes.tolist() == [105, 0, 15]
+
+
+def test_uniform_share_with_no_live_prompt_splits_evenly():
+    assert allocate([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 9, uniform_share=0.5).tolist() == [3, 3, 3]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -112,6 +132,8 @@ def test_caps_too_small_for_live_prompts_fill_and_warn():
         (dict(accept_rates=[0.5, 0.5], grad_norms=[1, 1], budget=3, min_size=2), "min_size"),
         (dict(accept_rates=[0.5], grad_norms=[1], budget=3, rule="nope"), "rule"),
         (dict(accept_rates=[0.5], grad_norms=[1], budget=3, drop_above=2.0), "drop_above"),
+        (dict(accept_rates=[0.5], grad_norms=[1], budget=3, uniform_share=1.0), "uniform_share"),
+        (dict(accept_rates=[0.5], grad_norms=[1], budget=3, uniform_share=-0.1), "uniform_share"),
     ],
 )
 def test_invalid_input_names_field(kwargs, match):

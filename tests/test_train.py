@@ -80,6 +80,7 @@ def test_minibatches_by_samples_cut_a_permutation():
         ("algorithm=ppo", "algorithm"),
         ("optim.lr=fast", "optim.lr"),
         ("loss.kl_kind=k9", "loss.kl_kind"),
+        ("gvm.uniform_share=1", "gvm.uniform_share"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, capsys, override, key):

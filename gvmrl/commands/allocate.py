@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="give 0 to prompts expecting fewer accepts",
     )
+    parser.add_argument(
+        "--uniform-share",
+        type=float,
+        default=0.0,
+        help="share of the budget spread evenly over the prompts (defensive mixture)",
+    )
     parser.add_argument("--output", required=True, help="SIZES.json, or - for stdout")
 
 
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 max_size=args.max_size,
                 drop_above=args.drop_above,
                 min_expected_accepts=args.min_expected_accepts,
+                uniform_share=args.uniform_share,
             )
     except ValueError as e:
         print(f"gvmrl allocate: {e}", file=sys.stderr)
