@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from gvmrl.allocation import allocate
@@ -156,6 +156,21 @@ def test_sum_exact_and_within_one_of_share(stats, budget):
     assert np.all(sizes >= 0)
     assert np.all(np.abs(sizes - np.array(share)) < 1 + 1e-9)
     assert np.all(sizes[(p == 0) | (g == 0)] == 0)
+
+
+@given(prompt_stats(), st.integers(0, 2000), st.floats(0.05, 0.95))
+@example((np.array([0.0, 0.0]), np.array([1.0, 0.0])), 100, 0.3)  # no live prompt: even split
+@settings(max_examples=200, deadline=None)
+def test_uniform_share_is_a_floor_and_the_rest_follows_the_rule(stats, budget, share):
+    """Every prompt gets at least floor(share * budget / B); each stays within 1 of its share of
+    the mixed weights, computed here from the paper's formula."""
+    p, g = stats
+    sizes = allocate(p, g, budget, uniform_share=share)
+    assert sizes.sum() == budget
+    assert np.all(sizes >= math.floor(share * budget / len(p) + 1e-9))
+    weights = (1 - share) * np.array(naive_gvm_share(p, g, 1.0)) + share / len(p)
+    mixed = budget * weights / weights.sum()
+    assert np.all(np.abs(sizes - mixed) < 1 + 1e-9)
 
 
 @given(prompt_stats(min_size=2), st.integers(1, 500), st.randoms(use_true_random=False))
