@@ -163,6 +163,20 @@ def test_budget_inclusive_defaults_to_the_uniform_budget(warm_checkpoint, easy_p
     )
 
 
+def test_uniform_share_keeps_sampling_when_no_presample_was_accepted(
+    tmp_path, warm_checkpoint, easy_prompts
+):
+    nothing_accepted = np.zeros(PROMPTS)
+    paper = Trainer(small_config(warm_checkpoint, easy_prompts, "allocation=gvm"), tmp_path / "a")
+    assert paper.allocate(nothing_accepted, nothing_accepted, PROMPTS).sum() == 0
+    mixed = Trainer(
+        small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.uniform_share=0.5"),
+        tmp_path / "b",
+    )
+    # the default budget N' x prompts = 4 x 8, split evenly when the rule has nothing to go on
+    assert mixed.allocate(nothing_accepted, nothing_accepted, PROMPTS).tolist() == [4] * PROMPTS
+
+
 def _rollouts(trainer: Trainer, seed: int = 0) -> Rollouts:
     prompts = trainer.stream.batch(1)
     rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=seed)
