@@ -14,6 +14,7 @@ update direction under any allocation, exactly, for:
                                gvm-reuse's pre-samples are modelled as independent of n_i
   gvm-incl-2, gvm-incl-4       budget-inclusive: N' = 2 or 4 pre-samples, trained on
   ... share L                  the estimated arms with gvm.uniform_share = L (a defensive mixture)
+  gvm, G_i from <= 2 accepted  gvm with G_i averaged over at most 2 accepted pre-samples
   best                         the allocation minimising this error (greedy): the ceiling
 
 Each error is also read as the uniform n with the same error ("worth n uniform samples per
@@ -105,15 +106,18 @@ def prompt_moments(group, accepted, vectors, lengths, num_prompts):
     return m, means
 
 
-def estimated_sizes(rng, group, scores, norms, num_prompts, presamples, budget, prior, share):
-    """Draw N' pre-samples per prompt from the pool, estimate p_i and G_i, allocate the budget
-    (a `share` of it spread evenly: gvm.uniform_share)."""
+def estimated_sizes(
+    rng, group, scores, norms, num_prompts, presamples, budget, prior, share, grad_samples=None
+):
+    """Draw N' pre-samples per prompt from the pool, estimate p_i and G_i (from at most
+    `grad_samples` accepted ones: gvm.grad_norm_samples), allocate the budget (a `share` of it
+    spread evenly: gvm.uniform_share)."""
     p_hat, g_hat = np.zeros(num_prompts), np.zeros(num_prompts)
     for i in range(num_prompts):
         drawn = rng.choice(np.flatnonzero(group == i), size=presamples)
         ok = scores[drawn] > 0.5
         p_hat[i] = (ok.sum() + prior[0]) / (presamples + sum(prior))
-        g_hat[i] = norms[drawn[ok]].mean() if ok.any() else 0.0
+        g_hat[i] = norms[drawn[ok][:grad_samples]].mean() if ok.any() else 0.0
     if not ((p_hat > 0) & (g_hat > 0)).any() and share == 0:
         return np.zeros(num_prompts, dtype=np.int64), p_hat, g_hat
     return allocate(p_hat, g_hat, budget, rule="gvm", uniform_share=share), p_hat, g_hat
@@ -252,6 +256,16 @@ def analyse(args, task: str) -> dict:
                         np.mean([((d[1] == 0) & live).sum() / live.sum() for d in draws])
                     ),
                 }
+    capped = [
+        estimated_sizes(
+            rng, pool.group, pool.scores, norms, B, n, budget, (0, 0), 0, grad_samples=2
+        )
+        for _ in range(args.redraws)
+    ]
+    add("gvm, G_i from <= 2 accepted", [d[0] for d in capped], n, False)
+    estimates["corr_G_hat_G_from_2"] = float(
+        np.mean([_corr(np.where(d[2] > 0, d[2], np.nan), m["grad_norm"]) for d in capped])
+    )
     stats = {
         "prompts": B,
         "pool_per_prompt": args.pool,

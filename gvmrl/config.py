@@ -103,6 +103,10 @@ class GVMConfig:
     """Beta(a, b) prior for p_i = (accepted + a) / (N' + a + b); helps small N' (e.g. (1, 1))."""
     grad_params: str = "embed_tokens"
     """Parameter group of the gradient norm G_i: embed_tokens (the paper's) or lm_head."""
+    grad_norm_samples: int | None = None
+    """G_i from at most this many accepted pre-samples per prompt (None: all of them). A prompt's
+    accepted samples have similar norms (bench/variance.py), and on a CPU the exact norms can cost
+    as much time as the pre-sampling itself."""
     grad_batch_size: int = 64
     """Micro-batch size of the gradient-norm estimation."""
 
@@ -283,6 +287,11 @@ class TrainConfig:
         )
         check(min(g.accept_prior) >= 0, "gvm.accept_prior", "Beta prior parameters must be >= 0")
         check(0 <= g.uniform_share < 1, "gvm.uniform_share", "must be in [0, 1)")
+        check(
+            g.grad_norm_samples is None or g.grad_norm_samples >= 1,
+            "gvm.grad_norm_samples",
+            "must be >= 1 (or null: all accepted pre-samples)",
+        )
         check(
             not (g.budget_inclusive and g.reuse_presamples),
             "gvm.reuse_presamples",

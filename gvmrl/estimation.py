@@ -466,8 +466,9 @@ def prompt_stats(
     Args:
         group_ids: (N,) prompt id of each sample (hashable; numpy scalars become Python ones).
         scores: (N,) grade of each sample; accepted when score >= accept_threshold.
-        grad_norms: (N,) per-sample gradient norm; may be NaN for rejected samples (not computed),
-            must be finite and >= 0 for accepted ones.
+        grad_norms: (N,) per-sample gradient norm, NaN where not computed: for rejected samples,
+            and for accepted ones left out of a subset (G_i averages the measured ones; each
+            prompt with an accepted sample needs at least one finite norm >= 0).
     Returns:
         PromptStats with one entry per distinct id, in order of first appearance.
     """
@@ -483,7 +484,8 @@ def prompt_stats(
             f"{scores_array.shape}, {norms.shape}"
         )
     accepted = scores_array >= accept_threshold
-    bad = np.flatnonzero(accepted & ~(np.isfinite(norms) & (norms >= 0)))
+    measured = accepted & ~np.isnan(norms)
+    bad = np.flatnonzero(measured & ~(np.isfinite(norms) & (norms >= 0)))
     if bad.size:
         raise ValueError(
             f"grad_norms[{bad[0]}] = {norms[bad[0]]}: an accepted sample needs a finite norm >= 0"
@@ -494,11 +496,18 @@ def prompt_stats(
     size = len(index)
     num_samples = np.bincount(group, minlength=size)
     num_accepted = np.bincount(group, weights=accepted, minlength=size).astype(np.int64)
-    norm_sums = np.bincount(group, weights=np.where(accepted, norms, 0.0), minlength=size)
+    num_measured = np.bincount(group, weights=measured, minlength=size)
+    unmeasured = np.flatnonzero((num_accepted > 0) & (num_measured == 0))
+    if unmeasured.size:
+        raise ValueError(
+            f"prompt {list(index)[unmeasured[0]]!r} has accepted samples but no gradient norm: "
+            "at least one of them needs a finite norm >= 0"
+        )
+    norm_sums = np.bincount(group, weights=np.where(measured, norms, 0.0), minlength=size)
     return PromptStats(
         prompt_ids=list(index),
         accept_rate=num_accepted / np.maximum(num_samples, 1),
-        grad_norm=np.divide(norm_sums, num_accepted, out=np.zeros(size), where=num_accepted > 0),
+        grad_norm=np.divide(norm_sums, num_measured, out=np.zeros(size), where=num_measured > 0),
         num_samples=num_samples.astype(np.int64),
         num_accepted=num_accepted,
     )

@@ -277,10 +277,10 @@ class Trainer:
         """Accept rate p_i (optionally Beta-smoothed) and mean gradient norm G_i of accepted samples."""
         cfg = self.config.gvm
         norms = np.full(len(presamples.samples), np.nan)
-        accepted = np.flatnonzero(presamples.scores > 0.5)
-        if accepted.size:
-            batch = self._pack([presamples.samples[i] for i in accepted])
-            norms[accepted] = (
+        measured = measured_subset(presamples.group, presamples.scores > 0.5, cfg.grad_norm_samples)
+        if measured.size:
+            batch = self._pack([presamples.samples[i] for i in measured])
+            norms[measured] = (
                 per_sample_grad_norms(
                     self.model,
                     batch.input_ids,
@@ -559,6 +559,20 @@ def allocation_metrics(
         "corr_accept_rate_grad_norm": corr,
         "samples_per_prompt": sizes.tolist(),
     }
+
+
+def measured_subset(group: np.ndarray, accepted: np.ndarray, per_prompt: int | None) -> np.ndarray:
+    """Indices of the accepted samples whose gradient norm is computed: the first `per_prompt`
+    accepted ones of each prompt (samples are i.i.d., so the first are as good as any), or all."""
+    index = np.flatnonzero(accepted)
+    if per_prompt is None:
+        return index
+    rank = np.zeros(index.size, dtype=np.int64)  # position among its prompt's accepted samples
+    seen: dict[int, int] = {}
+    for k, g in enumerate(group[index]):
+        rank[k] = seen.get(int(g), 0)
+        seen[int(g)] = rank[k] + 1
+    return index[rank < per_prompt]
 
 
 def minibatch_rows(

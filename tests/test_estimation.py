@@ -233,5 +233,15 @@ def test_prompt_stats_hand_case_and_errors():
     )
     with pytest.raises(ValueError, match="finite"):
         prompt_stats(["a"], [1.0], [float("nan")])
+    with pytest.raises(ValueError, match="finite"):
+        prompt_stats(["a"], [1.0], [-1.0])
+
+
+def test_prompt_stats_averages_the_measured_subset():
+    # prompt 7: three accepted, norms measured for two (2 and 6) -> G = 4, p = 3/4
+    nan = float("nan")
+    stats = prompt_stats([7, 7, 7, 7], [1.0, 1.0, 0.0, 1.0], [2.0, nan, nan, 6.0])
+    assert stats.grad_norm[0] == 4.0 and stats.accept_rate[0] == 0.75
+    assert stats.num_accepted[0] == 3
     with pytest.raises(ValueError, match="one length"):
         prompt_stats(["a", "b"], [1.0], [1.0])

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from gvmrl.cli import main
 from gvmrl.config import load_config
+from gvmrl.estimation import sequence_grad_norms
 from gvmrl.tracking import read_metrics
-from gvmrl.train import Rollouts, Trainer, minibatch_rows
+from gvmrl.train import Rollouts, Trainer, measured_subset, minibatch_rows
 
 PROMPTS = 8
 
@@ -81,6 +82,7 @@ def test_minibatches_by_samples_cut_a_permutation():
         ("optim.lr=fast", "optim.lr"),
         ("loss.kl_kind=k9", "loss.kl_kind"),
         ("gvm.uniform_share=1", "gvm.uniform_share"),
+        ("gvm.grad_norm_samples=0", "gvm.grad_norm_samples"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, capsys, override, key):
@@ -161,6 +163,40 @@ def test_budget_inclusive_defaults_to_the_uniform_budget(warm_checkpoint, easy_p
         small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.presamples=2").gvm_budget
         == 2 * PROMPTS
     )
+
+
+def test_measured_subset_takes_the_first_accepted_of_each_prompt():
+    group = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    accepted = np.array([1, 0, 1, 1, 1, 1, 0, 0], dtype=bool)
+    assert measured_subset(group, accepted, None).tolist() == [0, 2, 3, 4, 5]
+    assert measured_subset(group, accepted, 1).tolist() == [0, 3]
+    assert measured_subset(group, accepted, 2).tolist() == [0, 2, 3, 4]
+
+
+def test_grad_norm_samples_averages_the_first_accepted_presamples(
+    tmp_path, warm_checkpoint, easy_prompts
+):
+    trainer = Trainer(
+        small_config(warm_checkpoint, easy_prompts, "allocation=gvm", "gvm.grad_norm_samples=1"),
+        tmp_path / "run",
+    )
+    presamples = _rollouts(trainer)  # every third sample accepted, 4 per prompt
+    p, g = trainer.estimate_prompt_stats(presamples)
+    first = {}
+    for j in np.flatnonzero(presamples.scores > 0.5):
+        first.setdefault(int(presamples.group[j]), j)
+    norms = sequence_grad_norms(
+        trainer.model,
+        [presamples.samples[j].prompt_ids for j in first.values()],
+        [presamples.samples[j].response_ids for j in first.values()],
+        trainer.tokenizer.pad_token_id,
+    ).numpy()
+    expected = np.zeros(PROMPTS)
+    expected[list(first)] = norms
+    np.testing.assert_allclose(g, expected, rtol=1e-4)
+    assert p.tolist() == [
+        (presamples.scores[presamples.group == i] > 0.5).mean() for i in range(PROMPTS)
+    ]
 
 
 def test_uniform_share_keeps_sampling_when_no_presample_was_accepted(
