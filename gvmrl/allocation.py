@@ -93,14 +93,7 @@ def allocate(
         ValueError naming the argument and the first bad index for invalid input.
     """
     p, g = _validate(
-        accept_rates,
-        grad_norms,
-        budget,
-        min_size,
-        max_size,
-        drop_above,
-        min_expected_accepts,
-        uniform_share,
+        accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts
     )
     if rule not in WEIGHT_RULES:
         raise ValueError(f"rule: unknown rule {rule!r}; choose one of {sorted(WEIGHT_RULES)}")
@@ -108,6 +101,8 @@ def allocate(
         raise ValueError(f"alpha: must be finite and >= 0, got {alpha}")
     if not np.isfinite(beta):
         raise ValueError(f"beta: must be finite, got {beta}")
+    if not 0 <= uniform_share < 1:
+        raise ValueError(f"uniform_share: must be in [0, 1), got {uniform_share}")
 
     weights = WEIGHT_RULES[rule](p, g, alpha, beta)
     eligible = np.ones(p.shape, dtype=bool)
@@ -146,14 +141,7 @@ def allocate(
 
 
 def _validate(
-    accept_rates,
-    grad_norms,
-    budget,
-    min_size,
-    max_size,
-    drop_above,
-    min_expected_accepts,
-    uniform_share,
+    accept_rates, grad_norms, budget, min_size, max_size, drop_above, min_expected_accepts
 ):
     p = np.asarray(accept_rates, dtype=np.float64)
     g = np.asarray(grad_norms, dtype=np.float64)
@@ -187,8 +175,6 @@ def _validate(
         raise ValueError(f"drop_above: must be in [0, 1], got {drop_above}")
     if min_expected_accepts is not None and not min_expected_accepts >= 0:
         raise ValueError(f"min_expected_accepts: must be >= 0, got {min_expected_accepts}")
-    if not 0 <= uniform_share < 1:
-        raise ValueError(f"uniform_share: must be in [0, 1), got {uniform_share}")
     return p, g
 
 

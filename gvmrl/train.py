@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,22 +307,27 @@ class Trainer:
         budget = cfg.gvm_budget - (
             cfg.gvm.presamples * num_prompts if cfg.gvm.budget_inclusive else 0
         )
-        if not ((p > 0) & (g > 0)).any() and cfg.gvm.uniform_share == 0:
-            self.progress.log("no pre-sample was accepted: no samples allocated this iteration")
-            return np.zeros(num_prompts, dtype=np.int64)
-        return allocate(
-            p,
-            g,
-            budget,
-            rule="gvm",
-            alpha=cfg.gvm.alpha,
-            beta=cfg.gvm.beta,
-            min_size=cfg.gvm.min_size,
-            max_size=cfg.gvm.max_size,
-            drop_above=cfg.gvm.drop_above,
-            min_expected_accepts=cfg.gvm.min_expected_accepts,
-            uniform_share=cfg.gvm.uniform_share,
-        )
+        with warnings.catch_warnings():  # an empty allocation is reported through progress
+            warnings.filterwarnings("ignore", message="allocate: every prompt has zero weight")
+            sizes = allocate(
+                p,
+                g,
+                budget,
+                rule="gvm",
+                alpha=cfg.gvm.alpha,
+                beta=cfg.gvm.beta,
+                min_size=cfg.gvm.min_size,
+                max_size=cfg.gvm.max_size,
+                drop_above=cfg.gvm.drop_above,
+                min_expected_accepts=cfg.gvm.min_expected_accepts,
+                uniform_share=cfg.gvm.uniform_share,
+            )
+        if budget and not sizes.any():
+            self.progress.log(
+                "no prompt qualified (no accepted pre-sample, or all filtered out): "
+                "no samples allocated this iteration"
+            )
+        return sizes
 
     def update(self, rollouts: Rollouts, iteration: int) -> dict[str, float]:
         """M-step: advantages, then epochs of mini-batch AdamW steps on the chosen loss."""
