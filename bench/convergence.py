@@ -20,6 +20,10 @@ Arms:
     python bench/convergence.py --seeds 5 --algorithms raft++ grpo --tasks builtin builtin-hard
     python bench/convergence.py --quick        # a smoke run: 1 seed, 2 arms, 3 iterations
 
+Each run evaluates 512 x 4 held-out samples by default (--eval-prompts, --eval-samples);
+--final-eval-samples K adds a fresh K-sample evaluation of every final checkpoint and of the
+start, compared with uniform-n per seed (paired), for a final reading with less evaluation noise.
+
 Runs are resumable: rerunning the command skips finished runs and resumes unfinished ones.
 Writes OUT/results.json, OUT/curves-<task>-<algorithm>.png and OUT/BENCHMARKS-section.md.
 """
@@ -27,7 +31,9 @@ Writes OUT/results.json, OUT/curves-<task>-<algorithm>.png and OUT/BENCHMARKS-se
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +47,7 @@ from gvmrl.analysis import (
     fit_saturating,
     fitted_cost,
     load_run,
+    paired_difference,
     plot_curves,
 )
 from gvmrl.config import BUILTIN_RECIPE, load_config
@@ -108,10 +115,49 @@ def run_config(args, task: str, algorithm: str, arm: str, seed: int):
     return load_config(None, overrides + args.set)
 
 
-def summarise(runs: dict[str, list[list[dict]]]) -> tuple[float, list[dict]]:
-    """Target from uniform-n's seed-mean curve; per arm, cost-to-target mean/std over seeds."""
-    xs, ys = _mean_curve([m for m in runs["uniform-n"] if m])
+# Seeds of the final re-evaluations, apart from the training loop's own evaluation seeds.
+REEVAL_SEED = 10_000
+
+
+def reevaluate(model: str | Path, config, task: str, args, seed: int, output: Path) -> float:
+    """Held-out accuracy of `model` from a fresh `gvmrl eval` with the run's sampling settings
+    and --final-eval-samples responses per prompt (cached in `output`)."""
+    if not output.exists():
+        command = [
+            sys.executable,
+            "-m",
+            "gvmrl",
+            "eval",
+            f"--model={model}",
+            f"--data={TASKS[task][1]}",
+            f"--limit={args.eval_prompts}",
+            f"--samples={args.final_eval_samples}",
+            f"--temperature={config.eval.temperature}",
+            f"--top-p={config.rollout.top_p}",
+            f"--max-new-tokens={config.rollout.max_new_tokens}",
+            f"--seed={REEVAL_SEED + seed}",
+            f"--output={output}",
+            "--no-progress",
+        ]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    results = json.loads(output.read_text())["results"]
+    return float(next(iter(results.values()))["accuracy"])
+
+
+def summarise(
+    runs: dict[str, list[list[dict]]],
+    reevals: dict[str, list[float]] | None = None,
+    start_reevals: list[float] | None = None,
+) -> tuple[float, list[dict]]:
+    """Target from uniform-n's seed-mean curve; per arm, cost-to-target mean/std over seeds.
+
+    `reevals` (per arm, per seed) and `start_reevals` (per seed) are larger evaluations of the
+    final and starting weights; with them the rows also compare final accuracy at that size."""
+    uniform = [m for m in runs["uniform-n"] if m]
+    xs, ys = _mean_curve(uniform)
     target = float(fit_saturating(xs, ys)(xs[-1]))
+    final_uniform = np.array([eval_curve(m, "iteration")[1][-1] for m in uniform])
+    mean_eval_uniform = _mean_after_start(uniform)
     rows = []
     for arm, seeds in runs.items():
         seeds = [m for m in seeds if m]
@@ -137,9 +183,25 @@ def summarise(runs: dict[str, list[list[dict]]]) -> tuple[float, list[dict]]:
             np.array([eval_curve(m, "iteration")[1][i] for m in seeds]) for i in (0, -1)
         )
         row["start_eval_accuracy"] = float(start.mean())
+        row["start_eval_std"] = float(start.std(ddof=1)) if len(start) > 1 else math.nan
         row["final_eval_accuracy"] = float(final.mean())
         row["accuracy_change"] = float((final - start).mean())
         row["accuracy_change_std"] = float((final - start).std())
+        # Paired by seed against uniform-n: the final evaluation, and the mean of all evaluations
+        # after the start (less noisy than one evaluation; rewards learning early).
+        for name, values in (("final", final), ("mean_eval", _mean_after_start(seeds))):
+            baseline = final_uniform if name == "final" else mean_eval_uniform
+            if len(values) == len(baseline):
+                diff, sem = paired_difference(values, baseline)
+            else:
+                diff, sem = math.nan, math.nan
+            row[f"{name}_vs_uniform_n"], row[f"{name}_vs_uniform_n_sem"] = diff, sem
+        if reevals:
+            reeval = np.array(reevals[arm])
+            row["reeval_accuracy"] = float(reeval.mean())
+            row["reeval_change"] = float((reeval - np.array(start_reevals)).mean())
+            diff, sem = paired_difference(reeval, reevals["uniform-n"])
+            row["reeval_vs_uniform_n"], row["reeval_vs_uniform_n_sem"] = diff, sem
         row["optimizer_steps_per_iter"] = float(
             np.mean([r.get("optimizer_steps", 0) for r in iters])
         )
@@ -182,6 +244,11 @@ def _mean_curve(seeds: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
     return np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
 
 
+def _mean_after_start(seeds: list[list[dict]]) -> np.ndarray:
+    """Per seed, the mean held-out accuracy over the evaluations after iteration 0."""
+    return np.array([eval_curve(m, "iteration")[1][1:].mean() for m in seeds])
+
+
 def _mean(rows: list[dict], key: str) -> float:
     values = [r[key] for r in rows if r.get(key) is not None]
     return float(np.mean(values)) if values else math.nan
@@ -201,6 +268,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-prompts", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument(
+        "--final-eval-samples",
+        type=int,
+        default=0,
+        help="also re-evaluate each run's final weights (and the start) with this many fresh "
+        "samples per held-out prompt; 0: off",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -232,17 +306,42 @@ def main() -> None:
     for task in args.tasks:
         for algorithm in args.algorithms:
             runs: dict[str, list[list[dict]]] = {arm: [] for arm in args.arms}
+            reevals: dict[str, list[float]] = {arm: [] for arm in args.arms}
             for arm in args.arms:
                 for seed in range(args.seeds):
                     run_dir = out / "runs" / task / algorithm / arm / f"seed{seed}"
+                    config = run_config(args, task, algorithm, arm, seed)
                     started = time.perf_counter()
-                    train(run_config(args, task, algorithm, arm, seed), run_dir)
+                    train(config, run_dir)
                     print(
                         f"{task} {algorithm} {arm} seed {seed}: {time.perf_counter() - started:.0f}s",
                         file=sys.stderr,
                     )
                     runs[arm].append(load_run(run_dir))
-            target, rows = summarise(runs)
+                    if args.final_eval_samples:
+                        reevals[arm].append(
+                            reevaluate(
+                                run_dir / "final",
+                                config,
+                                task,
+                                args,
+                                seed,
+                                run_dir / "final-eval" / "results.json",
+                            )
+                        )
+            start_reevals = [  # every arm starts from the same model
+                reevaluate(
+                    config.model,
+                    config,
+                    task,
+                    args,
+                    seed,
+                    out / "runs" / task / f"start-eval-seed{seed}" / "results.json",
+                )
+                for seed in range(args.seeds)
+                if args.final_eval_samples
+            ]
+            target, rows = summarise(runs, reevals if start_reevals else None, start_reevals)
             plot_curves(
                 runs,
                 out / f"curves-{task}-{algorithm}.png",
@@ -258,6 +357,20 @@ def main() -> None:
                 "final_eval_accuracy",
                 "accuracy_change",
                 "accuracy_change_std",
+                "final_vs_uniform_n",
+                "final_vs_uniform_n_sem",
+                "mean_eval_vs_uniform_n",
+                "mean_eval_vs_uniform_n_sem",
+                *(
+                    [
+                        "reeval_accuracy",
+                        "reeval_change",
+                        "reeval_vs_uniform_n",
+                        "reeval_vs_uniform_n_sem",
+                    ]
+                    if start_reevals
+                    else []
+                ),
                 "iterations_to_target",
                 "iterations_to_target_std",
                 "iterations_reached",
@@ -286,8 +399,10 @@ def main() -> None:
                 if target <= start
                 else ""
             )
+            reeval = rows[0]["start_eval_std"]
             sections.append(
                 f"### {algorithm} on {task} (start {start:.3f}, target accuracy {target:.3f})\n\n"
+                f"Re-evaluating the start weights with each seed's samples: std {reeval:.3f}.\n\n"
                 f"{note}```\n{table}\n```\n"
             )
             print(sections[-1])

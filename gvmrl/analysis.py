@@ -108,6 +108,23 @@ def cost_to_target(metrics: list[dict[str, Any]], target: float, axis: str) -> f
     return iteration if axis == "iteration" else cost_at_iteration(metrics, iteration, axis)
 
 
+def paired_difference(values, baseline) -> tuple[float, float]:
+    """Mean and standard error over seeds of `values - baseline`, paired by seed.
+
+    Arms run with the same seed share the start checkpoint, the prompt stream and the evaluation
+    prompts, so differencing per seed removes what the two runs share; the standard error is
+    that of the mean difference (nan with fewer than two seeds)."""
+    values = np.asarray(values, dtype=np.float64)
+    baseline = np.asarray(baseline, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or values.shape != baseline.shape:
+        raise ValueError(
+            f"need one value per seed for both arms, got shapes {values.shape} and {baseline.shape}"
+        )
+    diff = values - baseline
+    sem = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else math.nan
+    return float(diff.mean()), sem
+
+
 def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from gvmrl.analysis import SaturatingFit, cost_to_target, eval_curve, fit_saturating
+from gvmrl.analysis import (
+    SaturatingFit,
+    cost_to_target,
+    eval_curve,
+    fit_saturating,
+    paired_difference,
+)
 
 
 def test_fit_recovers_an_exact_saturating_curve():
@@ -50,3 +56,13 @@ def test_cost_to_target_reads_evaluated_rows_only_and_does_not_extrapolate():
     # 0.59 would be reached at 5 ln 10 ~ 11.5 iterations: inside the run; 0.595 at 15: beyond it
     assert cost_to_target(rows, 0.59, "iteration") == pytest.approx(5 * math.log(10), rel=0.03)
     assert cost_to_target(rows, 0.595, "iteration") == math.inf
+
+
+def test_paired_difference_hand_derived():
+    # differences 0.1, 0.0, 0.2: mean 0.1, sample std 0.1, standard error 0.1 / sqrt(3)
+    mean, sem = paired_difference([0.6, 0.5, 0.7], [0.5, 0.5, 0.5])
+    assert mean == pytest.approx(0.1)
+    assert sem == pytest.approx(0.1 / math.sqrt(3))
+    assert math.isnan(paired_difference([0.6], [0.5])[1])
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_difference([0.6, 0.5], [0.5])
