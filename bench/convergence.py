@@ -214,6 +214,7 @@ def summarise(
         row["generated_per_iter"] = float(
             np.mean([r.get("samples", 0) + r.get("presamples", 0) for r in iters])
         )
+        row["zero_advantage_share"] = _mean(iters, "zero_advantage_share")
         row["alloc_zero_share"] = _mean(iters, "alloc_zero_share")
         row["alloc_max"] = _mean(iters, "alloc_max")
         row["corr_p_G"] = _mean(iters, "corr_accept_rate_grad_norm")
@@ -384,6 +385,7 @@ def main() -> None:
                 "generated_per_iter",
                 "optimizer_steps_per_iter",
                 "accepted_samples_per_iter",
+                "zero_advantage_share",
                 "alloc_zero_share",
                 "alloc_max",
                 "corr_p_G",

@@ -344,6 +344,8 @@ class Trainer:
         )
         group = torch.as_tensor(rollouts.group)
         advantages = compute_advantages(estimator, torch.as_tensor(rollouts.scores), group)
+        # GRPO: samples in groups whose rewards are all equal carry no policy gradient
+        metrics["zero_advantage_share"] = float((advantages == 0).float().mean())
         batch = self._pack(rollouts.samples)
         old_logprobs = self._old_logprobs(rollouts.samples, batch)
         rng = np.random.default_rng(derive_seed(cfg.seed, iteration, PHASE_UPDATE))

@@ -221,6 +221,26 @@ def _rollouts(trainer: Trainer, seed: int = 0) -> Rollouts:
     return rollouts
 
 
+def test_grpo_reports_the_share_of_samples_without_advantage(
+    tmp_path, warm_checkpoint, easy_prompts
+):
+    config = small_config(warm_checkpoint, easy_prompts, "algorithm=grpo", "eval_data=null")
+    trainer = Trainer(config, tmp_path)
+    rollouts = _rollouts(trainer)
+    group = np.asarray(rollouts.group)
+    first, second = np.unique(group)[:2]
+    rollouts.scores[group == first] = 1.0  # all right
+    rollouts.scores[group == second] = 0.0  # all wrong
+    flat = 0
+    for g in np.unique(group):
+        scores = rollouts.scores[group == g]
+        if len(scores) < 2 or len(set(scores.tolist())) == 1:
+            flat += len(scores)
+    assert flat >= 8
+    share = trainer.update(rollouts, iteration=1)["zero_advantage_share"]
+    assert share == pytest.approx(flat / len(group))
+
+
 @pytest.mark.parametrize("algorithm", ["raft", "raft++", "grpo"])
 def test_micro_batching_does_not_change_the_update(
     tmp_path, warm_checkpoint, easy_prompts, algorithm
