@@ -77,7 +77,7 @@ def main() -> None:
     print(f"{'':12s} {'seeds':9s}", " ".join(f"{k!s:>7s}" for k in keys))
     print(
         f"{'start':12s} {'':9s}",
-        " ".join(f"{np.mean([s[k] for s in start.values()]):7.3f}" for k in keys),
+        " ".join(f"{v:7.3f}" for v in report["start"].values()),
     )
     for arm_dir in sorted(p for p in (root / args.algorithm).iterdir() if p.is_dir()):
         final = per_seed("seed*/final-eval/results.*.jsonl", arm_dir, lengths)
