@@ -204,6 +204,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train from the last finished iteration to `config.iterations`; returns the last metrics."""
         last: dict[str, Any] = {}
+        # A rerun of a finished run trains nothing; its saved final weights stay as they are.
+        trains = self.state["iteration"] < self.config.iterations
         with self.progress, self.grader:
             if self.state["iteration"] == 0 and self._eval_due(0):
                 last = {"iteration": 0, **self._counters(), **self.evaluate()}
@@ -214,7 +216,7 @@ class Trainer:
                 self.state["wall_time"] += time.perf_counter() - started
                 last["wall_time"] = self.state["wall_time"]
                 self._finish_iteration(last)
-            if self.config.save_final:
+            if self.config.save_final and (trains or not (self.output_dir / "final").exists()):
                 self._save_final()
         self.metrics.close()
         return last

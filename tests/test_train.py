@@ -349,3 +349,21 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, warm_checkpoint, easy_p
         load_file(broken / "final" / "model.safetensors"),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rerun_of_finished_run_keeps_its_final_weights(tmp_path, warm_checkpoint, easy_prompts):
+    """Rerunning a finished run is a no-op; extending it (more iterations) trains and re-saves."""
+    config = small_config(warm_checkpoint, easy_prompts, "iterations=1", "eval.every=0")
+    Trainer(config, tmp_path).run()
+    marker = tmp_path / "final" / "marker"
+    marker.write_text("written after the run")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+
+    Trainer(config, tmp_path).run()
+    assert marker.exists(), "a finished run's final weights were rewritten"
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows
+
+    extended = small_config(warm_checkpoint, easy_prompts, "iterations=2", "eval.every=0")
+    Trainer(extended, tmp_path).run()
+    assert not marker.exists(), "an extended run must save its new final weights"
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
