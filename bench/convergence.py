@@ -25,7 +25,8 @@ Each run evaluates 512 x 4 held-out samples by default (--eval-prompts, --eval-s
 start, compared with uniform-n per seed (paired), for a final reading with less evaluation noise.
 
 Runs are resumable: rerunning the command skips finished runs and resumes unfinished ones.
-Writes OUT/results.json, OUT/curves-<task>-<algorithm>.png and OUT/BENCHMARKS-section.md.
+Writes OUT/results.json, OUT/curves-<task>-<algorithm>.png and OUT/BENCHMARKS-section.md (one
+markdown table per task and algorithm, in the format of BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from gvmrl.analysis import (
 )
 from gvmrl.config import BUILTIN_RECIPE, load_config
 from gvmrl.io import json_ready, write_json, write_text
-from gvmrl.progress import format_table
 from gvmrl.train import train
 
 ARMS: dict[str, list[str]] = {
@@ -164,7 +164,10 @@ def summarise(
         row: dict = {"arm": arm, "seeds": len(seeds)}
         # With few seeds a seed's own curve often ends a little below the seed-mean target;
         # the seed-mean curve of each arm still gives a comparable reading.
-        mean_crossing = fitted_cost(*_mean_curve(seeds), target)
+        mean_iterations, mean_accuracy = _mean_curve(seeds)
+        row["eval_iterations"] = mean_iterations.tolist()
+        row["eval_accuracy_mean"] = mean_accuracy.tolist()
+        mean_crossing = fitted_cost(mean_iterations, mean_accuracy, target)
         for axis, name in COSTS.items():
             costs = [cost_to_target(m, target, axis) for m in seeds]
             finite = [c for c in costs if math.isfinite(c)]
@@ -177,6 +180,9 @@ def summarise(
             row[f"{name}_reached"] = f"{len(finite)}/{len(costs)}"
             row[f"{name}_to_target_of_mean"] = float(
                 np.mean([cost_at_iteration(m, mean_crossing, axis) for m in seeds])
+            )
+            row[f"{name}_at_first_eval"] = float(
+                np.mean([cost_at_iteration(m, mean_iterations[1], axis) for m in seeds])
             )
         iters = [r for m in seeds for r in m if r["iteration"] > 0]
         start, final = (
@@ -237,6 +243,116 @@ def summarise(
                 a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
             )
     return target, rows
+
+
+def markdown_section(
+    task: str,
+    algorithm: str,
+    target: float,
+    rows: list[dict],
+    command: str,
+    reeval_size: str | None,
+) -> str:
+    """The BENCHMARKS.md section of one task and algorithm: the command, start and target, and
+    one row per arm with its seed-mean curve, its paired differences from uniform-n in points
+    (standard errors in brackets), its costs to the target and its allocation statistics."""
+    uniform = rows[0]
+    iterations = [int(i) for i in uniform["eval_iterations"]]
+    first_eval = iterations[1]
+    grpo = algorithm == "grpo"
+    header = [
+        "arm",
+        f"eval @{'/'.join(map(str, iterations))} (mean of {uniform['seeds']})",
+        "change (std)",
+        "final vs uniform-n",
+        f"mean {first_eval}-{iterations[-1]} vs uniform-n",
+        *([f"{reeval_size} re-eval: final, change, vs uniform-n"] if reeval_size else []),
+        "reached",
+        "iterations to target",
+        "generated samples to target",
+        "seconds to target",
+        "generated / iter",
+        "correct / iter" if grpo else "accepted / iter",
+        *(["zero-advantage share"] if grpo else []),
+        "zero-share",
+        "max n_i",
+        "corr(p, G)",
+        "pre-sample time",
+        "grad-norm time",
+    ]
+
+    def versus(row: dict, key: str) -> str:
+        return "0" if row is uniform else _points(row[key], row[f"{key}_sem"])
+
+    def to_target(row: dict, name: str, digits: int) -> str:
+        """The seed-mean curve's reading, then the seeds' own mean and spread if all reach it."""
+        value = row[f"{name}_to_target_of_mean"]
+        if not math.isfinite(value):
+            return "-"
+        if row["iterations_to_target_of_mean"] < first_eval:  # only "before the first eval"
+            return f"< {row[f'{name}_at_first_eval']:.{digits}f}"
+        per_seed = row[f"{name}_to_target"]
+        spread = (
+            f" (seeds {per_seed:.{digits}f} ± {row[f'{name}_to_target_std']:.{digits}f})"
+            if math.isfinite(per_seed)
+            else ""
+        )
+        return f"{value:.{digits}f}{spread}"
+
+    def statistic(row: dict, key: str, spec: str) -> str:
+        value = row[key]
+        return "-" if value is None or math.isnan(value) else format(value, spec)
+
+    lines = []
+    for row in rows:
+        cells = [
+            row["arm"],
+            " ".join(f"{a:.3f}".lstrip("0") for a in row["eval_accuracy_mean"]),
+            f"{_points(row['accuracy_change'])} ({100 * row['accuracy_change_std']:.1f})",
+            versus(row, "final_vs_uniform_n"),
+            versus(row, "mean_eval_vs_uniform_n"),
+        ]
+        if reeval_size:
+            cells.append(
+                f"{row['reeval_accuracy']:.3f}".lstrip("0")
+                + f", {_points(row['reeval_change'])}, {versus(row, 'reeval_vs_uniform_n')}"
+            )
+        cells += [
+            row["iterations_reached"],
+            to_target(row, "iterations", 1),
+            to_target(row, "samples", 0),
+            to_target(row, "seconds", 0),
+            f"{row['generated_per_iter']:.0f}",
+            f"{row['accepted_samples_per_iter']:.0f}",
+            *([statistic(row, "zero_advantage_share", ".2f")] if grpo else []),
+            statistic(row, "alloc_zero_share", ".2f"),
+            statistic(row, "alloc_max", ".0f"),
+            statistic(row, "corr_p_G", ".2f"),
+            f"{row['presample_time_share']:.0%}" if row["presample_time_share"] else "-",
+            f"{row['gradnorm_time_share']:.0%}" if row["gradnorm_time_share"] else "-",
+        ]
+        lines.append(cells)
+    table = "\n".join(
+        "| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines]
+    )
+    note = (
+        "Uniform-n ended at or below its starting accuracy: every arm 'reaches' the target at "
+        "0, so the cost columns compare nothing; compare the changes.\n\n"
+        if target <= uniform["start_eval_accuracy"]
+        else ""
+    )
+    return (
+        f"### {algorithm} on {task} ({uniform['seeds']} seeds)\n\n    {command}\n\n"
+        f"Start {uniform['start_eval_accuracy']:.3f} (standard deviation over the seeds' "
+        f"evaluations of the same weights: {100 * uniform['start_eval_std']:.1f} points), target "
+        f"{target:.3f} (uniform-n's seed-mean fitted end).\n\n{note}{table}\n"
+    )
+
+
+def _points(value: float, sem: float | None = None) -> str:
+    """A difference in accuracy as signed points, with its standard error in brackets."""
+    text = f"{100 * value:+.1f}"
+    return text if sem is None or math.isnan(sem) else f"{text} ({100 * sem:.1f})"
 
 
 def _mean_curve(seeds: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +418,7 @@ def main() -> None:
     args.arms = ["uniform-n"] + [a for a in args.arms if a != "uniform-n"]
 
     out = Path(args.output_dir)
+    command = "python bench/convergence.py " + " ".join(sys.argv[1:])
     results: dict = {"settings": {k: v for k, v in vars(args).items()}, "groups": []}
     sections = []
     for task in args.tasks:
@@ -352,68 +469,15 @@ def main() -> None:
             results["groups"].append(
                 {"task": task, "algorithm": algorithm, "target_accuracy": target, "rows": rows}
             )
-            columns = [
-                "arm",
-                "seeds",
-                "final_eval_accuracy",
-                "accuracy_change",
-                "accuracy_change_std",
-                "final_vs_uniform_n",
-                "final_vs_uniform_n_sem",
-                "mean_eval_vs_uniform_n",
-                "mean_eval_vs_uniform_n_sem",
-                *(
-                    [
-                        "reeval_accuracy",
-                        "reeval_change",
-                        "reeval_vs_uniform_n",
-                        "reeval_vs_uniform_n_sem",
-                    ]
-                    if start_reevals
-                    else []
-                ),
-                "iterations_to_target",
-                "iterations_to_target_std",
-                "iterations_reached",
-                "iterations_to_target_of_mean",
-                "samples_to_target",
-                "samples_to_target_std",
-                "samples_to_target_of_mean",
-                "seconds_to_target_of_mean",
-                "samples_speedup",
-                "iterations_speedup",
-                "generated_per_iter",
-                "optimizer_steps_per_iter",
-                "accepted_samples_per_iter",
-                "zero_advantage_share",
-                "alloc_zero_share",
-                "alloc_max",
-                "corr_p_G",
-                "presample_time_share",
-                "gradnorm_time_share",
-            ]
-            table = format_table(rows, columns)
-            start = rows[0]["start_eval_accuracy"]
-            note = (
-                f"Uniform-n ended at or below its starting accuracy ({start:.3f}): every arm "
-                "'reaches' the target at 0, so the cost columns compare nothing; compare "
-                "accuracy_change.\n\n"
-                if target <= start
-                else ""
+            reeval_size = (
+                f"{args.eval_prompts} x {args.final_eval_samples}" if start_reevals else None
             )
-            reeval = rows[0]["start_eval_std"]
-            sections.append(
-                f"### {algorithm} on {task} (start {start:.3f}, target accuracy {target:.3f})\n\n"
-                f"Re-evaluating the start weights with each seed's samples: std {reeval:.3f}.\n\n"
-                f"{note}```\n{table}\n```\n"
-            )
+            sections.append(markdown_section(task, algorithm, target, rows, command, reeval_size))
             print(sections[-1])
-    command = "python bench/convergence.py " + " ".join(sys.argv[1:])
     write_json(out / "results.json", json_ready(results))
     write_text(
         out / "BENCHMARKS-section.md",
-        f"## Convergence: uniform vs GVM allocation\n\nReproduce: `{command}`\n\n"
-        + "\n".join(sections),
+        "## Convergence: uniform vs GVM allocation\n\n" + "\n".join(sections),
     )
     print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
 
