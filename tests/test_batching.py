@@ -56,7 +56,9 @@ def naive_logprobs(model, prompts, responses, temperature):
     out = []
     for prompt, response in zip(prompts, responses):
         ids = prompt + response
-        logp_all = torch.log_softmax(model(torch.tensor([ids])).logits[0] / temperature, dim=-1)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        logp_all = torch.log_softmax(logits / temperature, dim=-1)
         logp = [0.0] + [float(logp_all[t - 1, ids[t]]) for t in range(1, len(ids))]
         entropy = [0.0] + [
             float(-(logp_all[t - 1].exp() * logp_all[t - 1]).sum()) for t in range(1, len(ids))

@@ -242,6 +242,7 @@ def test_grpo_reports_the_share_of_samples_without_advantage(
 
 
 @pytest.mark.parametrize("algorithm", ["raft", "raft++", "grpo"])
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_micro_batching_does_not_change_the_update(
     tmp_path, warm_checkpoint, easy_prompts, algorithm
 ):
