@@ -149,7 +149,8 @@ def test_hand_derived_output_layer_norm():
     ids = torch.tensor([[3, 4]])
     ones = torch.ones_like(ids)
     got = per_sample_grad_norms(model, ids, ones, torch.tensor([[0.0, 2.0]]), "lm_head")
-    hidden = model.model(ids).last_hidden_state[0, 0]
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state[0, 0]
     # p - e_y = (0.2, 0.2, 0.2, 0.2, -0.8): squared norm 4 * 0.04 + 0.64 = 0.8; weight 2 doubles G
     assert float(got.detach()) == pytest.approx(
         2 * math.sqrt(0.8) * float(hidden.norm()), rel=1e-10
