@@ -9,16 +9,18 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 
-# Reinstall only when the dependency pins changed (the stamp stores the hash of pyproject.toml).
+# Reinstall only when the dependencies changed (the stamp stores the hash of pyproject.toml's
+# ranges and of the exact versions in constraints/cpu.txt).
 stamp=.venv/.gvmrl-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints/cpu.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch first: the CPU wheel on this machine. Asking for torch through the package's
-# dependencies with nothing installed would pull a multi-GB CUDA build instead.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# torch first, at the version in constraints/cpu.txt: the CPU wheel on this machine. Asking for
+# torch through the package's dependencies with nothing installed would pull a multi-GB CUDA
+# build instead.
+.venv/bin/python -m pip install --quiet -c constraints/cpu.txt torch
+.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[test]"
 echo "$want" > "$stamp"

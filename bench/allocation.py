@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    # accept rates on the N'=8 grid, grad norms anti-correlated with them as measured (CALIBRATION.md)
+    # accept rates on the N'=8 grid, grad norms anti-correlated with them (about -0.6 on the
+    # built-in task, BENCHMARKS.md)
     p = rng.integers(0, 9, args.prompts) / 8
     g = np.abs(rng.normal(1.5 - p, 0.3))
     budget = args.samples_per_prompt * args.prompts

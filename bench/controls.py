@@ -29,8 +29,11 @@ from gvmrl.data import format_prompt
 from gvmrl.io import json_ready, write_json
 from gvmrl.progress import format_table
 from gvmrl.rollout import Sample
-from gvmrl.task import builtin_problems
-from gvmrl.train import Rollouts, Trainer
+from gvmrl.builtin.task import builtin_problems
+from gvmrl.records import Rollouts
+from gvmrl.train import Trainer
+
+from common import QUIET
 
 
 @functools.cache
@@ -41,7 +44,7 @@ def reference_solutions() -> dict[str, str]:
 class ReferenceTrainer(Trainer):
     """The training loop with each prompt's responses replaced by its reference solution."""
 
-    def sample(self, prompts, sizes, iteration, phase) -> Rollouts:
+    def sample(self, prompts, sizes, iteration, phase, round=0) -> Rollouts:
         solutions = reference_solutions()
         samples = []
         for i, record in enumerate(prompts):
@@ -92,8 +95,7 @@ def main() -> None:
                     f"eval.every={args.eval_every}",
                     f"eval.samples={args.eval_samples}",
                     f"data.eval_limit={args.eval_prompts}",
-                    "logging.progress=false",
-                    "logging.tensorboard=false",
+                    *QUIET,
                     *args.set,
                 ],
             )

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gvmrl.algorithms import ALGORITHMS
 from gvmrl.analysis import (
     cost_at_iteration,
     cost_to_target,
@@ -51,64 +52,35 @@ from gvmrl.analysis import (
     paired_difference,
     plot_curves,
 )
-from gvmrl.config import BUILTIN_RECIPE, load_config
+from gvmrl.config import load_config
+from gvmrl.experiments import builtin_run_overrides
 from gvmrl.io import json_ready, write_json, write_text
 from gvmrl.train import train
 
-ARMS: dict[str, list[str]] = {
-    "uniform-n": ["allocation=uniform", "samples_per_prompt=8"],
-    "uniform-2n": ["allocation=uniform", "samples_per_prompt=16"],
-    "gvm": ["allocation=gvm", "gvm.presamples=8", "gvm.budget=BUDGET"],
-    "gvm-reuse": [
-        "allocation=gvm",
-        "gvm.presamples=8",
-        "gvm.budget=BUDGET",
-        "gvm.reuse_presamples=true",
-    ],
-    "gvm-incl-2": [
-        "allocation=gvm",
-        "gvm.presamples=2",
-        "gvm.budget=BUDGET",
-        "gvm.budget_inclusive=true",
-        "gvm.accept_prior=[0.5,0.5]",
-    ],
-    "gvm-incl-4": [
-        "allocation=gvm",
-        "gvm.presamples=4",
-        "gvm.budget=BUDGET",
-        "gvm.budget_inclusive=true",
-        "gvm.accept_prior=[0.5,0.5]",
-    ],
-}
-TASKS = {
-    "builtin": ("builtin:train", "builtin:test"),
-    "builtin-hard": ("builtin-hard:train", "builtin-hard:test"),
-}
+from common import BENCH_ARMS, QUIET, TASKS, arm_overrides, is_gvm
+
 COSTS = {"iteration": "iterations", "samples_generated": "samples", "wall_time": "seconds"}
 
 
 def run_config(args, task: str, algorithm: str, arm: str, seed: int):
     train_data, eval_data = TASKS[task]
-    budget = 8 * args.prompts
     overrides = [
-        f"algorithm={algorithm}",
-        f"seed={seed}",
-        "model=builtin",
-        f"train_data={train_data}",
-        f"eval_data={eval_data}",
-        f"iterations={args.iterations}",
-        f"prompts_per_iteration={args.prompts}",
-        *BUILTIN_RECIPE,
+        *builtin_run_overrides(
+            algorithm=algorithm,
+            seed=seed,
+            iterations=args.iterations,
+            prompts=args.prompts,
+            train_data=train_data,
+            eval_data=eval_data,
+            eval_every=args.eval_every,
+            eval_samples=args.eval_samples,
+            eval_prompts=args.eval_prompts,
+        ),
         f"optim.lr={args.lr}",
-        f"update.minibatch_size={max(1, args.prompts // 4)}",
-        f"eval.every={args.eval_every}",
-        f"eval.samples={args.eval_samples}",
-        f"data.eval_limit={args.eval_prompts}",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        *[o.replace("BUDGET", str(budget)) for o in ARMS[arm]],
+        *QUIET,
+        *arm_overrides(arm, args.prompts),
     ]
-    if algorithm == "grpo" and ARMS[arm][0] == "allocation=gvm":
+    if algorithm == "grpo" and is_gvm(arm):
         overrides.append(
             "gvm.min_size=2"
         )  # a GRPO group needs two samples for a non-zero advantage
@@ -385,9 +357,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
-        "--algorithms", nargs="+", default=["raft++", "grpo"], choices=["raft", "raft++", "grpo"]
+        "--algorithms", nargs="+", default=["raft++", "grpo"], choices=list(ALGORITHMS)
     )
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=list(BENCH_ARMS), choices=list(BENCH_ARMS))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=64, help="prompts per iteration")

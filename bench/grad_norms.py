@@ -50,7 +50,7 @@ class ModelSpec:
 def builtin_model() -> torch.nn.Module:
     from transformers import Qwen2ForCausalLM
 
-    from gvmrl.models import builtin_model_config, builtin_tokenizer
+    from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
 
     return Qwen2ForCausalLM(builtin_model_config(builtin_tokenizer()))
 

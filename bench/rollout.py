@@ -25,9 +25,10 @@ import torch
 
 from gvmrl.data import format_prompt
 from gvmrl.io import write_json
-from gvmrl.models import builtin_model_config, builtin_tokenizer, load_model_and_tokenizer
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
+from gvmrl.models import load_model_and_tokenizer
 from gvmrl.rollout import SamplingParams, make_engine
-from gvmrl.task import builtin_split
+from gvmrl.builtin.task import builtin_split
 
 
 def load(model_name: str):

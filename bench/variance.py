@@ -4,7 +4,7 @@ From a checkpoint (the built-in one by default), draw a pool of K responses to e
 take the exact gradient of every accepted response w.r.t. GVM's parameter group (the token
 embeddings), and measure per prompt the accept rate p_i and the mean mu_i and spread s_i^2 of
 the gradient the RAFT++ update averages (the response's summed log-prob divided by its length:
-prompt-mean aggregation). `gvmrl.variance` then gives the expected squared error of the batch's
+prompt-mean aggregation). `gradient_error.py` then gives the expected squared error of the batch's
 update direction under any allocation, exactly, for:
 
   uniform-n, uniform-2n        n = 8 and 16 samples per prompt
@@ -43,10 +43,13 @@ from gvmrl.config import BUILTIN_RECIPE, load_config
 from gvmrl.estimation import sequence_grad_norms
 from gvmrl.io import json_ready, write_json
 from gvmrl.progress import format_table
-from gvmrl.train import PHASE_SAMPLE, Trainer
-from gvmrl.variance import accepted_mean_error, best_sizes
+from gvmrl.records import is_accepted
+from gvmrl.run_setup import PHASE_SAMPLE
+from gvmrl.train import Trainer
 
-TASKS = {"builtin": "builtin:train", "builtin-hard": "builtin-hard:train"}
+from common import QUIET, TASKS
+from gradient_error import accepted_mean_error, best_sizes
+
 # arm -> (pre-samples N', main budget per prompt, pre-samples trained on, Beta prior of p_i)
 ESTIMATED_ARMS = {
     "gvm": (8, 8, False, (0.0, 0.0)),
@@ -115,7 +118,7 @@ def estimated_sizes(
     p_hat, g_hat = np.zeros(num_prompts), np.zeros(num_prompts)
     for i in range(num_prompts):
         drawn = rng.choice(np.flatnonzero(group == i), size=presamples)
-        ok = scores[drawn] > 0.5
+        ok = is_accepted(scores[drawn])
         p_hat[i] = (ok.sum() + prior[0]) / (presamples + sum(prior))
         g_hat[i] = norms[drawn[ok][:grad_samples]].mean() if ok.any() else 0.0
     if not ((p_hat > 0) & (g_hat > 0)).any() and share == 0:
@@ -135,20 +138,19 @@ def analyse(args, task: str) -> dict:
         [
             "algorithm=raft++",
             f"model={args.model}",
-            f"train_data={TASKS[task]}",
+            f"train_data={TASKS[task][0]}",
             "eval_data=null",
             f"prompts_per_iteration={args.prompts}",
             f"seed={args.seed}",
             *BUILTIN_RECIPE,
-            "logging.progress=false",
-            "logging.tensorboard=false",
+            *QUIET,
         ],
     )
     trainer = Trainer(config, out / "runs" / task)
     started = time.perf_counter()
     prompts = trainer.stream.batch(1)
     pool = trainer.sample(prompts, [args.pool] * len(prompts), 1, PHASE_SAMPLE)
-    accepted = np.flatnonzero(pool.scores > 0.5)
+    accepted = np.flatnonzero(pool.accepted)
     samples = [pool.samples[j] for j in accepted]
     vectors, lengths = accepted_gradients(trainer, samples)
     print(f"{task}: pool and gradients in {time.perf_counter() - started:.0f}s", file=sys.stderr)

@@ -23,6 +23,10 @@ import numpy as np
 
 WeightRule = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]
 
+MAX_BUDGET = 2**53
+"""Largest budget `allocate` accepts: shares are float64, which holds every integer only up to
+2^53; above it the rounded sizes could no longer be made to sum to the budget exactly."""
+
 
 def gvm_weights(
     accept_rates: np.ndarray, grad_norms: np.ndarray, alpha: float, beta: float
@@ -136,7 +140,7 @@ def allocate(
         sizes[live] = max_size
         return sizes
     shares = _water_fill(w, budget, float(min_size), upper)
-    sizes[live] = _round_preserving_sum(shares, budget)
+    sizes[live] = _round_preserving_sum(shares, budget, lower=min_size, upper=upper)
     return sizes
 
 
@@ -159,6 +163,11 @@ def _validate(
         raise ValueError(f"grad_norms[{bad[0]}] = {g[bad[0]]}: must be finite and >= 0")
     if int(budget) != budget or budget < 0:
         raise ValueError(f"budget: must be an integer >= 0, got {budget}")
+    if budget > MAX_BUDGET:
+        raise ValueError(
+            f"budget: {budget} is above 2^53 = {MAX_BUDGET}, beyond which float64 shares cannot "
+            "be rounded to sizes that sum to it exactly"
+        )
     if int(min_size) != min_size or min_size < 0:
         raise ValueError(f"min_size: must be an integer >= 0, got {min_size}")
     if max_size is not None and (int(max_size) != max_size or max_size < max(min_size, 1)):
@@ -218,17 +227,21 @@ def _water_fill(weights: np.ndarray, total: float, lower: float, upper: float) -
     return np.clip(c * weights, lower, upper)
 
 
-def _round_preserving_sum(shares: np.ndarray, total: int) -> np.ndarray:
+def _round_preserving_sum(
+    shares: np.ndarray, total: int, *, lower: float = 0, upper: float = np.inf
+) -> np.ndarray:
     """Largest-remainder rounding: floor every share, then give +1 to the largest remainders.
 
     Ties go to the lower index (stable sort). Each result is within 1 of its share, and integer
-    floors/caps on the shares are kept, since a capped share is already an integer.
+    floors/caps on the shares are kept, since a capped share is already an integer. The count
+    still missing is kept in exact integers: at budgets near 2^53 the float shares no longer sum
+    to `total` exactly, and `_settle` moves the last units within [lower, upper].
     """
     floors = np.floor(shares).astype(np.int64)
-    missing = int(round(total - floors.sum()))  # >= 0: the shares sum to `total`
-    if missing <= 0:
-        return floors
     remainders = shares - floors
+    missing = total - int(floors.sum())  # exact (Python ints); 0 <= missing < len when exact
+    if not 0 < missing <= floors.size:
+        return _settle(floors, remainders, missing, lower, upper)
     # The `missing` largest remainders, in O(B): everything above the cut-off value, then the
     # lowest indices among those equal to it.
     cutoff = np.partition(remainders, remainders.size - missing)[remainders.size - missing]
@@ -236,4 +249,26 @@ def _round_preserving_sum(shares: np.ndarray, total: int) -> np.ndarray:
     tied = np.flatnonzero(remainders == cutoff)[: missing - int(above.sum())]
     floors[above] += 1
     floors[tied] += 1
+    if upper != np.inf and (floors > upper).any():  # float error pushed a capped share over
+        over = int((floors - upper).clip(min=0).sum())
+        floors = np.minimum(floors, int(upper))
+        return _settle(floors, remainders, over, lower, upper)
     return floors
+
+
+def _settle(
+    sizes: np.ndarray, remainders: np.ndarray, missing: int, lower: float, upper: float
+) -> np.ndarray:
+    """Add (missing > 0) or take (< 0) one unit per size, largest (smallest) remainder first,
+    among the sizes still inside [lower, upper], until the sizes sum to the budget."""
+    while missing:
+        step = 1 if missing > 0 else -1
+        movable = np.flatnonzero(sizes < upper if step > 0 else sizes > lower)
+        if not movable.size:
+            break  # the bounds cannot hold the budget (allocate checks this beforehand)
+        order = movable[np.argsort(-step * remainders[movable], kind="stable")]
+        chosen = order[: min(abs(missing), order.size)]
+        sizes[chosen] += step
+        remainders[chosen] -= step
+        missing -= step * chosen.size
+    return sizes

@@ -12,7 +12,7 @@ token chunks, recomputing each chunk in the backward pass instead of keeping its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,65 @@ class SequenceBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def trimmed(self) -> SequenceBatch:
+        """Without the all-padding columns at the right (of a right-padded batch)."""
+        width = int(self.attention_mask.sum(dim=1).max())
+        return SequenceBatch(
+            self.input_ids[:, :width], self.attention_mask[:, :width], self.response_mask[:, :width]
+        )
+
+
+def micro_batches(batch: SequenceBatch, size: int) -> Iterator[tuple[slice, SequenceBatch]]:
+    """Consecutive rows of a right-padded batch, `size` at a time, each trimmed to its own longest
+    sequence: (rows, micro-batch). Slice per-token tensors of the whole batch with
+    `[rows, : micro.input_ids.shape[1]]` to line them up with the micro-batch."""
+    for start in range(0, len(batch), size):
+        rows = slice(start, start + size)
+        yield rows, batch.select(rows).trimmed()
+
+
+def token_budget_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split rows into micro-batches whose padded size, rows x their own longest row, is at most
+    `max_tokens`: what activation memory grows with, so long and short responses cost alike.
+
+    Rows are taken longest first (stable), so each micro-batch holds similar lengths and pads
+    little; a row joins the current micro-batch while (rows + 1) x its first (longest) row's
+    length fits. A row longer than `max_tokens` forms a micro-batch of its own. Pure: lengths in,
+    lists of row indices out; every row lands in exactly one list.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def micro_batches_by_tokens(
+    batch: SequenceBatch, max_tokens: int
+) -> Iterator[tuple[torch.Tensor, SequenceBatch]]:
+    """Micro-batches of a right-padded batch by `token_budget_rows`, each trimmed to its own
+    longest sequence: (row indices, micro-batch). Index per-token tensors of the whole batch with
+    `[rows, : micro.input_ids.shape[1]]`, as for `micro_batches`."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    for group in token_budget_rows(lengths, max_tokens):
+        rows = torch.tensor(group, dtype=torch.long, device=batch.input_ids.device)
+        yield rows, batch.select(rows).trimmed()
+
+
+def plan_micro_batches(
+    batch: SequenceBatch, *, size: int, max_tokens: int | None
+) -> Iterator[tuple[slice | torch.Tensor, SequenceBatch]]:
+    """The micro-batches of one forward/backward sweep (`update.max_tokens_per_micro_batch`):
+    by token budget when `max_tokens` is set, else `size` consecutive rows."""
+    if max_tokens is None:
+        return micro_batches(batch, size)
+    return micro_batches_by_tokens(batch, max_tokens)
 
 
 def pack_sequences(
@@ -192,3 +251,23 @@ def token_logprobs(
     if with_entropy:
         return full[..., 0], full[..., 1]
     return full[..., 0]
+
+
+def sweep_logprobs(
+    model: PreTrainedModel,
+    batch: SequenceBatch,
+    *,
+    size: int,
+    max_tokens: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(N, T) `token_logprobs` of a right-padded batch without autograd, micro-batched as the
+    update is (`plan_micro_batches`): pi_old recomputed with the training model
+    (`loss.old_logprobs: recompute`) and the reference model's log-probs for the KL term.
+    Each micro-batch is trimmed to its own longest row; positions past it stay 0."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    with torch.no_grad():
+        for rows, micro in plan_micro_batches(batch, size=size, max_tokens=max_tokens):
+            logp = token_logprobs(model, micro, temperature=temperature)
+            out[rows, : micro.input_ids.shape[1]] = logp.float()
+    return out

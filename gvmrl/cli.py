@@ -2,6 +2,10 @@
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int` and imports heavy
 libraries (torch, transformers) inside `run`, so `gvmrl --help` and `gvmrl allocate` start fast.
+
+All commands share one error path (`main`): a user error (bad input file or row, bad path, full
+disk, bad config value, a run that diverged) prints one line and exits 2; anything else is an
+internal error and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import argparse
 import importlib
 import sys
 
-from gvmrl.io import InputError
+from gvmrl.config import ConfigError
+from gvmrl.guards import NonFiniteError
+from gvmrl.io import USER_ERRNOS, InputError, disk_full
 
 # name -> (module under gvmrl.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evaluate", "accuracy and pass@k of a model on prompt files"),
     "pretrain": ("pretrain", "supervised warm start of the built-in tiny model"),
     "data": ("data", "prepare prompt files from MATH/GSM8K/NuminaMath/OlympiadBench data"),
+    "plan": ("plan", "estimate a training config's GPU memory, part by part"),
 }
 
 
@@ -46,11 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except InputError as e:
-        print(e, file=sys.stderr)  # already `FILE:LINE: message`, the form editors jump to
+        _say(e)  # already `FILE:LINE: message`, the form editors jump to
+        return 2
+    except (ConfigError, NonFiniteError) as e:
+        _say(f"gvmrl {args.command}: {e}")  # ConfigError starts with its key
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        reason = "no space left on device" if disk_full(e) else e.strerror
+        where = f"{e.filename}: " if e.filename else ""
+        _say(f"gvmrl {args.command}: {where}{reason}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _say(message: object) -> None:
+    """Print a user error as the one line it must be (values quoted from input may hold breaks)."""
+    print(" ".join(str(message).split()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +21,7 @@ from typing import Any
 
 import yaml
 
-from gvmrl.io import write_text
-
-ALGORITHMS = ("raft", "raft++", "grpo")
-ALLOCATIONS = ("uniform", "gvm")
+from gvmrl.io import InputError, read_text, write_text
 
 # Update settings measured to improve the built-in warm start (BENCHMARKS.md), used by `gvmrl demo`,
 # configs/builtin-*.yaml and bench/convergence.py: lr 1e-4 with warm-up and AdamW beta2 = 0.95,
@@ -51,6 +50,33 @@ class DataConfig:
     """Appended to each problem; "auto": none for the built-in model (and checkpoints trained from it), the \\boxed{} instruction otherwise."""
     eval_limit: int | None = 128
     """Evaluate on the first K held-out prompts (None: all)."""
+    overlong: str = "skip"
+    """Prompts whose tokens plus rollout.max_new_tokens exceed the model's context: skip (counted)
+    or error (stop before any work, naming the prompt)."""
+
+
+@dataclass
+class VLLMConfig:
+    """Options of the vLLM engine (rollout.engine: vllm), passed to `vllm.LLM`; gvmrl sets the
+    model, dtype (the compute dtype), seed, gpu_memory_utilization and log-prob mode itself."""
+
+    max_model_len: int | None = None
+    """Longest prompt + response vLLM plans its KV cache for (None: the model's context length)."""
+    max_num_seqs: int = 256
+    """Most sequences vLLM decodes at once."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture: less memory and a faster start, slower decoding."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a prompt across its samples."""
+    enable_sleep_mode: bool = True
+    """Free vLLM's GPU memory after each rollout phase and take it back before the next, so the
+    update has the GPU (vLLM sleep mode; weights are reloaded from the trainer on wake-up)."""
+    sleep_level: int = 2
+    """1: weights offloaded to CPU RAM and KV cache dropped; 2: both dropped (the weights are
+    reloaded from the trainer after wake-up anyway, so level 2 saves the copy and the RAM)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further `vllm.LLM` keyword arguments, named as `vllm.EngineArgs` fields (e.g.
+    {kv_cache_dtype: fp8}); an unknown name fails at validation."""
 
 
 @dataclass
@@ -69,6 +95,7 @@ class RolloutConfig:
     """Sequences per generation batch (HF engine)."""
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory vLLM may take (it shares the GPU with training)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -116,7 +143,7 @@ class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
     lr: float = 1e-4
-    """Peak learning rate (CALIBRATION: 3e-4 collapsed the built-in model toward easy prompts)."""
+    """Peak learning rate (on the built-in model RAFT++ at 3e-4 collapsed: BENCHMARKS.md)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -127,6 +154,9 @@ class OptimConfig:
     """Learning-rate schedule after warm-up: constant or cosine."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
+    max_skipped_steps: int = 3
+    """Stop the run after this many optimizer steps in a row were skipped for a NaN/inf loss or
+    gradient norm (gvmrl.guards)."""
 
 
 @dataclass
@@ -149,6 +179,12 @@ class LossConfig:
     """Entropy bonus weight."""
     grpo_scale_by_std: bool = True
     """GRPO: divide centred rewards by the group std (False: Dr. GRPO style)."""
+    old_logprobs: str = "recompute"
+    """pi_old of the PPO ratio: recompute (a no-grad pass of the training model before the update,
+    as TRL and verl do) or rollout (the sampler's log-probs; vLLM's kernels differ slightly)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling for the sampler mismatch: weight each token's loss by
+    min(pi_old / pi_rollout, tis_cap) (Yao et al. 2025; e.g. 2; None: off; needs recompute)."""
 
 
 @dataclass
@@ -164,6 +200,10 @@ class UpdateConfig:
     """Prompts (or samples) per optimizer step."""
     micro_batch_size: int = 128
     """Sequences per forward/backward (gradient accumulation; memory and CPU speed)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Micro-batch by a token budget instead (rows x own longest row <= budget, long rows
+    together), for the update, the pi_old/reference passes and the gradient norms (None: by
+    micro_batch_size). Bounds activation memory whatever the response lengths."""
 
 
 @dataclass
@@ -207,9 +247,10 @@ class TrainConfig:
     model: str = "builtin"
     """Policy: a local HF checkpoint directory, a hub id, or builtin (the tiny built-in model)."""
     train_data: str = "builtin"
-    """Training prompts: a file/dataset path, or builtin[:split] / builtin-hard[:split]."""
+    """Training prompts: a file/dataset path, a shipped evaluation set (math500, amc23, aime24,
+    minerva_math, olympiadbench), or builtin[:split] / builtin-hard[:split]."""
     eval_data: str | None = "builtin"
-    """Held-out prompts (None: no evaluation); builtin means the built-in test split."""
+    """Held-out prompts, as train_data (None: no evaluation); builtin is the built-in test split."""
     prompts_per_iteration: int = 64
     """Prompts per iteration (the paper: 1024)."""
     samples_per_prompt: int = 8
@@ -217,7 +258,14 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, or auto."""
     dtype: str = "auto"
-    """float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)."""
+    """Parameter (master weight) and optimizer-state dtype: float32, bfloat16, float16, or auto
+    (float32). bf16 parameters barely move at lr 1e-6 (gvmrl.precision)."""
+    compute_dtype: str = "auto"
+    """Dtype of forward/backward matmuls (autocast): float32, bfloat16, float16, or auto (bfloat16
+    on GPU with float32 parameters, else the parameter dtype); also vLLM's weight dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of keeping its activations
+    (about 17x less activation memory on Qwen2.5-1.5B, one more forward pass; gvmrl.memory)."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
     reward: str = "answer"
@@ -239,10 +287,14 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> TrainConfig:
-        """Reject settings that cannot work, naming the key and the fix."""
+    def validate(self, check_environment: bool = True) -> TrainConfig:
+        """Reject settings that cannot work, naming the key and the fix. `check_environment`:
+        also check what must be installed (the vllm extra and its option names)."""
+        from gvmrl.algorithms import ALGORITHMS
+        from gvmrl.allocators import ALLOCATORS
         from gvmrl.losses import AGGREGATION_MODES, KL_ESTIMATORS
         from gvmrl.rewards import REWARDS
+        from gvmrl.schedule import SCHEDULES
 
         def check(ok: bool, key: str, message: str) -> None:
             if not ok:
@@ -251,12 +303,12 @@ class TrainConfig:
         check(
             self.algorithm in ALGORITHMS,
             "algorithm",
-            f"must be one of {ALGORITHMS}, got {self.algorithm!r}",
+            f"must be one of {tuple(ALGORITHMS)}, got {self.algorithm!r}",
         )
         check(
-            self.allocation in ALLOCATIONS,
+            self.allocation in ALLOCATORS,
             "allocation",
-            f"must be one of {ALLOCATIONS}, got {self.allocation!r}",
+            f"must be one of {tuple(ALLOCATORS)}, got {self.allocation!r}",
         )
         check(self.iterations >= 0, "iterations", "must be >= 0")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
@@ -305,7 +357,7 @@ class TrainConfig:
                 "gvm.budget",
                 f"with budget_inclusive the budget must cover the {presampled} pre-samples",
             )
-        check(self.optim.schedule in ("constant", "cosine"), "optim.schedule", "constant or cosine")
+        check(self.optim.schedule in SCHEDULES, "optim.schedule", f"one of {SCHEDULES}")
         check(self.optim.lr > 0, "optim.lr", "must be > 0")
         check(
             self.loss.aggregation in AGGREGATION_MODES,
@@ -328,7 +380,147 @@ class TrainConfig:
         check(self.update.epochs >= 1, "update.epochs", "must be >= 1")
         check(self.eval.every >= 0, "eval.every", "must be >= 0")
         check(self.eval.samples >= 1, "eval.samples", "must be >= 1")
+        self._check_ranges()
+        self._check_gpu_path(check_environment)
         return self
+
+    def _check_gpu_path(self, check_environment: bool) -> None:
+        """Precision, micro-batching, pi_old and vLLM options: all before any weights load."""
+        from gvmrl.precision import resolve_precision
+
+        def check(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
+
+        try:
+            resolve_precision(self.dtype, self.compute_dtype, "cuda")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        budget = self.update.max_tokens_per_micro_batch
+        check(budget is None or budget >= 1, "update.max_tokens_per_micro_batch", "must be >= 1")
+        loss = self.loss
+        check(
+            loss.old_logprobs in ("recompute", "rollout"),
+            "loss.old_logprobs",
+            "recompute or rollout",
+        )
+        check(
+            loss.tis_cap is None or (_finite(loss.tis_cap) and loss.tis_cap > 0),
+            "loss.tis_cap",
+            "must be finite and > 0 (or null: off)",
+        )
+        check(
+            loss.tis_cap is None or loss.old_logprobs == "recompute",
+            "loss.tis_cap",
+            "compares the recomputed pi_old with the rollout log-probs; set "
+            "loss.old_logprobs: recompute (with rollout the weight would always be 1)",
+        )
+        v = self.rollout.vllm
+        check(v.max_num_seqs >= 1, "rollout.vllm.max_num_seqs", "must be >= 1")
+        check(v.sleep_level in (1, 2), "rollout.vllm.sleep_level", "1 or 2")
+        check(
+            v.max_model_len is None or v.max_model_len > self.rollout.max_new_tokens,
+            "rollout.vllm.max_model_len",
+            f"must exceed rollout.max_new_tokens ({self.rollout.max_new_tokens}) to fit a prompt",
+        )
+        check(isinstance(v.options, dict), "rollout.vllm.options", "must be a mapping")
+        if self.rollout.engine == "vllm" and check_environment:
+            from gvmrl.rollout.vllm import check_llm_options
+
+            try:
+                check_llm_options(v.options)
+            except (ImportError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+
+    def _check_ranges(self) -> None:
+        """Every number in range and finite, so no value fails mid-run after the model loaded."""
+        g, o, loss = self.gvm, self.optim, self.loss
+        checks: list[tuple[bool, str, str]] = [
+            (0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)"),
+            (bool(self.model), "model", "must not be empty"),
+            (bool(self.train_data), "train_data", "must not be empty"),
+            (self.eval_data != "", "eval_data", "must not be empty (null: no evaluation)"),
+            (self.threads is None or self.threads >= 1, "threads", "must be >= 1 (or null)"),
+            (_finite(self.verifier_timeout), "verifier_timeout", "must be finite"),
+            (self.data.overlong in ("skip", "error"), "data.overlong", "skip or error"),
+            (
+                self.data.eval_limit is None or self.data.eval_limit >= 1,
+                "data.eval_limit",
+                "must be >= 1 (or null: all)",
+            ),
+            (bool(self.data.problem_field), "data.problem_field", "must not be empty"),
+            (bool(self.data.answer_field), "data.answer_field", "must not be empty"),
+            (_finite(self.rollout.temperature), "rollout.temperature", "must be finite"),
+            (self.rollout.batch_size >= 1, "rollout.batch_size", "must be >= 1"),
+            (
+                0 < self.rollout.gpu_memory_utilization <= 1,
+                "rollout.gpu_memory_utilization",
+                "must be in (0, 1]",
+            ),
+            (g.budget is None or g.budget >= 0, "gvm.budget", "must be >= 0 (or null)"),
+            (_finite(g.alpha) and g.alpha >= 0, "gvm.alpha", "must be finite and >= 0"),
+            (_finite(g.beta), "gvm.beta", "must be finite"),
+            (g.min_size >= 0, "gvm.min_size", "must be >= 0"),
+            (
+                g.max_size is None or g.max_size >= max(g.min_size, 1),
+                "gvm.max_size",
+                f"must be >= max(gvm.min_size, 1) = {max(g.min_size, 1)} (or null)",
+            ),
+            (
+                g.drop_above is None or 0 < g.drop_above <= 1,
+                "gvm.drop_above",
+                "must be in (0, 1] (or null)",
+            ),
+            (
+                g.min_expected_accepts is None
+                or (_finite(g.min_expected_accepts) and g.min_expected_accepts >= 0),
+                "gvm.min_expected_accepts",
+                "must be finite and >= 0 (or null)",
+            ),
+            (all(map(_finite, g.accept_prior)), "gvm.accept_prior", "must be finite"),
+            (g.grad_batch_size >= 1, "gvm.grad_batch_size", "must be >= 1"),
+            (_finite(o.lr), "optim.lr", "must be finite"),
+            (_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+            (all(0 <= b < 1 for b in o.betas), "optim.betas", "each must be in [0, 1)"),
+            (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+            (_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)"),
+            (o.max_skipped_steps >= 1, "optim.max_skipped_steps", "must be >= 1"),
+            (0 <= loss.clip_low < 1, "loss.clip_low", "must be in [0, 1)"),
+            (_finite(loss.clip_high) and loss.clip_high >= 0, "loss.clip_high", "must be >= 0"),
+            (
+                loss.dual_clip is None or _finite(loss.dual_clip),
+                "loss.dual_clip",
+                "must be finite (or null)",
+            ),
+            (_finite(loss.kl_coef) and loss.kl_coef >= 0, "loss.kl_coef", "must be >= 0"),
+            (_finite(loss.entropy_coef), "loss.entropy_coef", "must be finite"),
+            (
+                _finite(self.eval.temperature) and self.eval.temperature >= 0,
+                "eval.temperature",
+                "must be >= 0 (0: greedy)",
+            ),
+        ]
+        if self.allocation == "gvm":
+            # What the allocator splits each iteration; it must fit the floors and caps.
+            budget = self.gvm_budget - (
+                g.presamples * self.prompts_per_iteration if g.budget_inclusive else 0
+            )
+            prompts = self.prompts_per_iteration
+            checks += [
+                (
+                    g.min_size * prompts <= budget,
+                    "gvm.min_size",
+                    f"{prompts} prompts x {g.min_size} exceed the budget of {budget} samples",
+                ),
+                (
+                    g.max_size is None or g.max_size * prompts >= budget,
+                    "gvm.max_size",
+                    f"{prompts} prompts x {g.max_size} cannot hold the budget of {budget} samples",
+                ),
+            ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
 
     @property
     def gvm_budget(self) -> int:
@@ -346,24 +538,55 @@ class ConfigError(ValueError):
     """A config key with a bad name, type or value; the message starts with the dotted key."""
 
 
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    check_environment: bool = True,
 ) -> TrainConfig:
-    """Defaults, then the YAML file (if any), then `key=value` overrides (dotted keys, YAML values)."""
+    """Defaults, then the YAML file (if any), then `key=value` overrides (dotted keys, YAML values).
+
+    `check_environment=False` skips what depends on installed packages (`gvmrl plan` estimates a
+    vLLM run's memory on a machine without vLLM)."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            text = read_text(path)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+        loaded = _parse_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         values = loaded
     for override in overrides:
         key, sep, raw = override.partition("=")
-        if not sep or not key:
+        if not sep or not _KEY.fullmatch(key.strip()):
             raise ConfigError(
                 f"{override!r}: overrides take the form key=value (e.g. gvm.presamples=4)"
             )
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return _build(TrainConfig, values, prefix="").validate()
+        value = _parse_yaml(raw, key.strip(), lines=False) if raw.strip() else None
+        _set_dotted(values, key.strip(), value)
+    return _build(TrainConfig, values, prefix="").validate(check_environment)
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _parse_yaml(text: str, where: str, *, lines: bool = True) -> Any:
+    """`yaml.safe_load`, its failures a one-line ConfigError at `where` (a file and the line, or
+    a --set key)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = f":{mark.line + 1}" if lines and mark is not None else ""
+        raise ConfigError(f"{where}{line}: invalid YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
 
 
 def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:

@@ -5,7 +5,11 @@ Sources (`load_prompts(source)`):
   one under "data"/"train"/"rows"), a `.parquet` file, or a directory written by
   `datasets.Dataset.save_to_disk` (a `DatasetDict` directory picks `split`);
 - a built-in task spec: `builtin` (the split given by `split`), `builtin:train`, `builtin:test`,
-  `builtin-hard:test`, ... (see `gvmrl.task`).
+  `builtin-hard:test`, ... (see `gvmrl.builtin.task`);
+- the name of an evaluation set shipped with the package (`EVAL_SETS`: math500, amc23, aime24,
+  minerva_math, olympiadbench; sources and licenses in gvmrl/evalsets/README.md).
+
+A local file or directory of the same name as a built-in spec or a shipped set takes precedence.
 
 Presets say where problem and answer live in the rows of well-known datasets (`PRESETS`); without
 a preset, `problem_field` and `answer_field` name them and the answer is taken as is. An answer is
@@ -17,7 +21,6 @@ Errors name the file, the row (the line of a JSONL file, else the 1-based row in
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -25,21 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gvmrl.io import InputError, read_jsonl
+from gvmrl.builtin import task
+from gvmrl.io import InputError, parse_json, read_jsonl, read_text
+from gvmrl.records import Answer, PromptRecord
 
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-
-Answer = str | list[str]
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """One prompt: a stable id, the problem text (no instruction, no template) and its answer."""
-
-    id: str
-    problem: str
-    answer: Answer
-
 
 # ---------------------------------------------------------------- answers
 
@@ -124,10 +117,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    data = parse_json(read_text(path), path, None)
     if isinstance(data, dict):
         data = next(
             (data[k] for k in ("data", "train", "rows") if isinstance(data.get(k), list)), None
@@ -196,11 +186,23 @@ def _row_id(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _unique_ids(ids: list[str | None]) -> list[str]:
-    """The rows' own ids when every row has one and they are distinct, else positional ids."""
-    if all(i is not None for i in ids) and len(set(ids)) == len(ids):
-        return [str(i) for i in ids]
-    return [f"{i:06d}" for i in range(len(ids))]
+def _unique_ids(path: Path, ids: list[str | None], row_numbers: list[int]) -> list[str]:
+    """The rows' own ids; a row without one gets its position (`000003`). An id that repeats
+    is an InputError naming both rows: renumbering would silently break the link between
+    results and the user's ids."""
+    first_row: dict[str, int] = {}
+    unique = []
+    for position, (own, row_no) in enumerate(zip(ids, row_numbers, strict=True)):
+        record_id = own if own is not None else f"{position:06d}"
+        if record_id in first_row:
+            given = "" if own is not None else " (its position: the row has no id)"
+            earlier = first_row[record_id]
+            raise InputError(
+                path, row_no, f"duplicate id {record_id!r}{given}, first used by row {earlier}"
+            )
+        first_row[record_id] = row_no
+        unique.append(record_id)
+    return unique
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,26 @@ class LoadedPrompts:
     records: list[PromptRecord]
     dropped_rows: list[int]
     """Row numbers (lines for JSONL) whose answer could not be extracted."""
+
+
+EVAL_SET_DIR = Path(__file__).parent / "evalsets"
+EVAL_SETS: dict[str, str] = {
+    "math500": "MATH-500: 500 problems of the MATH test split (Lightman et al., 2023)",
+    "amc23": "AMC 2023: 40 problems of the AMC 12A/12B 2023 contests",
+    "aime24": "AIME 2024: the 30 problems of AIME 2024 I and II",
+    "minerva_math": "Minerva Math (OCWCourses): 272 MIT OpenCourseWare STEM problems",
+    "olympiadbench": "OlympiadBench: 675 open-ended, text-only, English math competition problems",
+}
+"""Evaluation sets shipped as package data, by name. Each is stored as `{id, problem, answer}`
+JSONL (answers already extracted, ids those of the source), so presets and field names do not
+apply to them."""
+
+
+def eval_set_path(source: str | Path) -> Path | None:
+    """The shipped file of a named evaluation set, or None when `source` names none."""
+    if isinstance(source, str) and source in EVAL_SETS and not Path(source).exists():
+        return EVAL_SET_DIR / f"{source}.jsonl"
+    return None
 
 
 _BUILTIN_SPEC = re.compile(r"builtin(-[a-z]+)?(:[a-z]+)?")
@@ -225,8 +247,6 @@ def _is_builtin(source: str | Path) -> bool:
 
 def _builtin(spec: str, split: str) -> list[PromptRecord]:
     """`builtin[-DIFFICULTY][:SPLIT]` -> the records of that built-in split."""
-    from gvmrl import task
-
     name, _, split_part = spec.partition(":")
     difficulty = name.partition("-")[2] or "default"
     split = split_part or split
@@ -252,12 +272,15 @@ def read_prompts(
 ) -> LoadedPrompts:
     """Read prompt records; rows without an extractable answer raise or, if asked, are dropped.
 
-    With a preset, its fields are used and `problem_field`/`answer_field` are ignored. `limit`
-    keeps the first `limit` records (after dropping).
+    With a preset, its fields are used and `problem_field`/`answer_field` are ignored; a shipped
+    evaluation set ignores all three. `limit` keeps the first `limit` records (after dropping).
     """
     if _is_builtin(source):
         records = _builtin(str(source), split)
         return LoadedPrompts(records[:limit] if limit is not None else records, [])
+    shipped = eval_set_path(source)
+    if shipped is not None:
+        source, preset, problem_field, answer_field = shipped, None, "problem", "answer"
     if preset is not None and preset not in PRESETS:
         raise InputError(source, None, f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     spec = (
@@ -266,7 +289,7 @@ def read_prompts(
         else Preset((problem_field,), ((answer_field, _answer_text),), "fields")
     )
     path = Path(source)
-    ids, problems, answers, dropped = [], [], [], []
+    ids, row_numbers, problems, answers, dropped = [], [], [], [], []
     for row_no, row in _rows(path, split):
         if limit is not None and len(problems) >= limit:
             break
@@ -287,10 +310,12 @@ def read_prompts(
                 continue
             raise InputError(path, row_no, f"field {present[0][0]!r}: no answer could be extracted")
         ids.append(_row_id(row))
+        row_numbers.append(row_no)
         problems.append(problem)
         answers.append(answer)
     records = [
-        PromptRecord(i, p, a) for i, p, a in zip(_unique_ids(ids), problems, answers, strict=True)
+        PromptRecord(i, p, a)
+        for i, p, a in zip(_unique_ids(path, ids, row_numbers), problems, answers, strict=True)
     ]
     return LoadedPrompts(records, dropped)
 
@@ -304,7 +329,7 @@ def load_prompts(
     limit: int | None = None,
     split: str = "train",
 ) -> list[PromptRecord]:
-    """Prompt records from a file, a `datasets` directory or a built-in spec (module docstring).
+    """Prompt records from a file, a `datasets` directory, a built-in spec or a shipped set's name.
 
     A row whose answer cannot be extracted raises `InputError` naming file, row and field; use
     `read_prompts(..., drop_unanswered=True)` (or `gvmrl data prepare`) to drop such rows.

@@ -49,7 +49,9 @@ from gvmrl.batching import (
     last_hidden_states,
     pack_sequences,
     prediction_mask,
+    token_budget_rows,
 )
+from gvmrl.records import ACCEPT_THRESHOLD, is_accepted
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -145,6 +147,7 @@ def per_sample_grad_norms(
     params: ParamSelector = "embed_tokens",
     micro_batch_size: int | None = None,
     *,
+    max_tokens_per_micro_batch: int | None = None,
     max_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """||grad_theta L_b||_2 for every sequence b, exactly, without a backward pass per sample.
@@ -162,30 +165,70 @@ def per_sample_grad_norms(
         micro_batch_size: sequences per pass; bounds activation memory. Default: the most rows
             whose (rows, T, T) Gram matrices fit `max_chunk_elements` (all of a batch of 300-token
             sequences; 3 rows of 3072 tokens).
+        max_tokens_per_micro_batch: when set, micro-batches by token budget instead
+            (`gvmrl.batching.token_budget_rows`: rows x own longest row <= budget, longest rows
+            first), still capped by `micro_batch_size` and the Gram-matrix budget. Either way each
+            micro-batch drops its all-padding columns, so activation memory follows its own
+            longest row, not the whole batch's.
         max_chunk_elements: elements of the largest temporary (logits chunk, Gram matrices).
     Returns:
         (B,) norms, float32 (float64 for a float64 model), on the input device.
     """
     group = resolve_parameter_group(model, params)
-    size, length = input_ids.shape
-    # default: as many rows as keep the (rows, T, T) Gram matrices within the chunk budget
-    step = micro_batch_size or max(1, min(size, max_chunk_elements // max(length * length, 1)))
+    dtype = torch.promote_types(model.dtype, torch.float32)
+    squares = torch.zeros(input_ids.shape[0], dtype=dtype, device=input_ids.device)
     with _frozen_eval(model):
-        squares = [
-            _squared_norms(
+        for rows in _grad_norm_micro_batches(
+            attention_mask, micro_batch_size, max_tokens_per_micro_batch, max_chunk_elements
+        ):
+            columns = _real_columns(attention_mask[rows])
+            squares[rows] = _squared_norms(
                 model,
                 group,
-                input_ids[start : start + step],
-                attention_mask[start : start + step],
-                response_mask[start : start + step],
+                input_ids[rows][:, columns],
+                attention_mask[rows][:, columns],
+                response_mask[rows][:, columns],
                 max_chunk_elements,
-            )
-            for start in range(0, size, step)
-        ]
-    dtype = torch.promote_types(model.dtype, torch.float32)
-    if not squares:
-        return torch.zeros(0, dtype=dtype, device=input_ids.device)
-    return torch.cat(squares).clamp(min=0).sqrt()
+            ).to(dtype)
+    return squares.clamp(min=0).sqrt()
+
+
+def _real_columns(attention_mask: torch.Tensor) -> slice:
+    """The columns from the first to the last that holds a real token in any row (padding on
+    either side dropped; positions count real tokens only, so nothing else changes)."""
+    real = torch.nonzero(attention_mask.bool().any(dim=0)).flatten()
+    if real.numel() == 0:
+        return slice(0, 0)
+    return slice(int(real[0]), int(real[-1]) + 1)
+
+
+def _grad_norm_micro_batches(
+    attention_mask: torch.Tensor,
+    micro_batch_size: int | None,
+    max_tokens: int | None,
+    max_chunk_elements: int,
+) -> list[torch.Tensor]:
+    """Row indices of each micro-batch of the norm stage.
+
+    Count-based (default): consecutive rows, `micro_batch_size` or as many as keep the
+    (rows, T, T) Gram matrices within `max_chunk_elements`. Token budget: `token_budget_rows`
+    over the real lengths, each group then split further by those two caps.
+    """
+    size, width = attention_mask.shape
+    device = attention_mask.device
+    if max_tokens is None:
+        step = micro_batch_size or max(1, min(size, max_chunk_elements // max(width * width, 1)))
+        return [torch.arange(s, min(s + step, size), device=device) for s in range(0, size, step)]
+    lengths = attention_mask.sum(dim=1).tolist()
+    out = []
+    for group in token_budget_rows(lengths, max_tokens):
+        longest = max(lengths[group[0]], 1)
+        cap = max(1, max_chunk_elements // (longest * longest))
+        if micro_batch_size is not None:
+            cap = min(cap, micro_batch_size)
+        for start in range(0, len(group), cap):
+            out.append(torch.tensor(group[start : start + cap], dtype=torch.long, device=device))
+    return out
 
 
 def sequence_grad_norms(
@@ -356,50 +399,53 @@ def _squared_norms(
     with torch.set_grad_enabled(group.input_side):
         embeds = embedding(input_ids).detach().requires_grad_(group.input_side)  # (n, T, D)
         hidden = last_hidden_states(model, attention_mask, inputs_embeds=embeds)  # (n, T, D)
-    rows = _response_rows(hidden.detach().to(dtype), input_ids, attention_mask, response_mask)
-    moments = _softmax_moments(
-        rows.hidden,
-        weight,
-        bias,
-        gram=group.output_side,
-        expected_rows=group.input_side,
-        max_chunk_elements=max_chunk_elements,
-    )
-    m = rows.weights  # (n, R)
-    squared = rows.hidden.new_zeros(input_ids.shape[0])
-    if group.output_side:
-        p_at_targets = _probabilities_of(
-            rows.hidden, moments.logsumexp, weight, bias, rows.targets
-        )  # [s,t]: p_s[y_t]
-        same_target = (rows.targets[:, :, None] == rows.targets[:, None, :]).to(dtype)
-        logit_grad_gram = (
-            moments.prob_gram - p_at_targets - p_at_targets.transpose(1, 2) + same_target
-        ) * (m[:, :, None] * m[:, None, :])  # (n, R, R) <d_s, d_t>
-        hidden_gram = rows.hidden @ rows.hidden.transpose(1, 2)  # (n, R, R) <h_s, h_t>
-        squared = squared + (logit_grad_gram * hidden_gram).sum((1, 2))
-    if group.input_side:
-        # dL/dh_t = W^T d_t = m_t (sum_v p_t[v] W[v] - W[y_t]), pushed back to the embeddings.
-        hidden_grad_rows = m[..., None] * (
-            moments.expected_rows - weight[rows.targets].to(dtype)
-        )  # (n, R, D)
-        hidden_grad = torch.zeros_like(hidden)
-        hidden_grad[:, :-1].scatter_add_(
-            1,
-            rows.positions[..., None].expand_as(hidden_grad_rows),
-            hidden_grad_rows.to(hidden.dtype),
+    # The output-layer identities run in full precision even under a bf16 autocast (fp32
+    # master weights): the forward above follows the caller's precision, the norm's math not.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        rows = _response_rows(hidden.detach().to(dtype), input_ids, attention_mask, response_mask)
+        moments = _softmax_moments(
+            rows.hidden,
+            weight,
+            bias,
+            gram=group.output_side,
+            expected_rows=group.input_side,
+            max_chunk_elements=max_chunk_elements,
         )
-        (embedding_grads,) = torch.autograd.grad(hidden, embeds, grad_outputs=hidden_grad)
-        embedding_grads = embedding_grads.to(dtype)  # (n, T, D)
-        # nn.Embedding leaves its padding_idx row out of the weight gradient.
-        counted = attention_mask.bool()
-        if embedding.padding_idx is not None:
-            counted = counted & (input_ids != embedding.padding_idx)
-        squared = squared + _embedding_squared_norms(embedding_grads, input_ids, counted)
-        if group.tied:
-            squared = squared + 2 * _tied_cross_term(
-                rows, moments, weight, bias, embedding_grads, input_ids, counted
+        m = rows.weights  # (n, R)
+        squared = rows.hidden.new_zeros(input_ids.shape[0])
+        if group.output_side:
+            p_at_targets = _probabilities_of(
+                rows.hidden, moments.logsumexp, weight, bias, rows.targets
+            )  # [s,t]: p_s[y_t]
+            same_target = (rows.targets[:, :, None] == rows.targets[:, None, :]).to(dtype)
+            logit_grad_gram = (
+                moments.prob_gram - p_at_targets - p_at_targets.transpose(1, 2) + same_target
+            ) * (m[:, :, None] * m[:, None, :])  # (n, R, R) <d_s, d_t>
+            hidden_gram = rows.hidden @ rows.hidden.transpose(1, 2)  # (n, R, R) <h_s, h_t>
+            squared = squared + (logit_grad_gram * hidden_gram).sum((1, 2))
+        if group.input_side:
+            # dL/dh_t = W^T d_t = m_t (sum_v p_t[v] W[v] - W[y_t]), pushed back to the embeddings.
+            hidden_grad_rows = m[..., None] * (
+                moments.expected_rows - weight[rows.targets].to(dtype)
+            )  # (n, R, D)
+            hidden_grad = torch.zeros_like(hidden)
+            hidden_grad[:, :-1].scatter_add_(
+                1,
+                rows.positions[..., None].expand_as(hidden_grad_rows),
+                hidden_grad_rows.to(hidden.dtype),
             )
-    return squared
+            (embedding_grads,) = torch.autograd.grad(hidden, embeds, grad_outputs=hidden_grad)
+            embedding_grads = embedding_grads.to(dtype)  # (n, T, D)
+            # nn.Embedding leaves its padding_idx row out of the weight gradient.
+            counted = attention_mask.bool()
+            if embedding.padding_idx is not None:
+                counted = counted & (input_ids != embedding.padding_idx)
+            squared = squared + _embedding_squared_norms(embedding_grads, input_ids, counted)
+            if group.tied:
+                squared = squared + 2 * _tied_cross_term(
+                    rows, moments, weight, bias, embedding_grads, input_ids, counted
+                )
+        return squared
 
 
 def _tied_cross_term(
@@ -459,13 +505,14 @@ def prompt_stats(
     scores: Sequence[float],
     grad_norms: Sequence[float],
     *,
-    accept_threshold: float = 0.5,
+    accept_threshold: float = ACCEPT_THRESHOLD,
 ) -> PromptStats:
     """Group samples by prompt: accept rate and mean accepted gradient norm (GVM Alg. 1, stage 2).
 
     Args:
         group_ids: (N,) prompt id of each sample (hashable; numpy scalars become Python ones).
-        scores: (N,) grade of each sample; accepted when score >= accept_threshold.
+        scores: (N,) grade of each sample; accepted when score >= accept_threshold
+            (`gvmrl.records.is_accepted`).
         grad_norms: (N,) per-sample gradient norm, NaN where not computed: for rejected samples,
             and for accepted ones left out of a subset (G_i averages the measured ones; each
             prompt with an accepted sample needs at least one finite norm >= 0).
@@ -483,7 +530,7 @@ def prompt_stats(
             f"group_ids, scores and grad_norms must be 1-D of one length, got {len(group_ids)}, "
             f"{scores_array.shape}, {norms.shape}"
         )
-    accepted = scores_array >= accept_threshold
+    accepted = is_accepted(scores_array, accept_threshold)
     measured = accepted & ~np.isnan(norms)
     bad = np.flatnonzero(measured & ~(np.isfinite(norms) & (norms >= 0)))
     if bad.size:

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gvmrl.data import PromptRecord, format_prompt
+from gvmrl.data import format_prompt
+from gvmrl.records import PromptRecord
 from gvmrl.progress import Progress
 from gvmrl.rollout.base import RolloutEngine, Sample, SamplingParams
 

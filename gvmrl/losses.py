@@ -190,8 +190,35 @@ def clipped_policy_loss(
     return loss, metrics
 
 
+def truncated_importance_weights(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, cap: float
+) -> Tensor:
+    """Truncated importance sampling (TIS) for a sampler that is not the trained policy.
+
+    vLLM samples with its own kernels in bf16, so its token probabilities pi_rollout differ from
+    the training engine's pi_old even at equal weights. Yao et al. 2025 ("Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training"; verl's `tis_imp_ratio_cap`) reweight
+    each token's policy loss by
+
+        w_t = min(exp(log pi_old(y_t) - log pi_rollout(y_t)), cap)
+
+    with pi_old recomputed by the training model (`loss.old_logprobs: recompute`); the truncation
+    bounds the variance a rare token would add. The weight carries no gradient: multiply the
+    per-token loss (e.g. of `clipped_policy_loss`) by it before aggregation.
+
+    old_logprobs: (N, T) pi_old under the training model; rollout_logprobs: (N, T) the sampler's;
+    response_mask: (N, T), 1 on trained tokens; cap: C > 0.
+    Returns (N, T) detached weights, 0 off the mask.
+    """
+    if not cap > 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    log_ratio = (old_logprobs - rollout_logprobs).detach().clamp(max=_LOG_RATIO_CLAMP)
+    weights = log_ratio.exp().clamp(max=cap)
+    return torch.where(response_mask.bool(), weights, torch.zeros_like(weights))
+
+
 # ----------------------------------------------------------------------------------------------
-# KL to the reference policy and entropy
+# KL to the reference policy
 
 
 def _kl_k1(log_ratio: Tensor) -> Tensor:
@@ -234,15 +261,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tens
     """
     estimator = _lookup(KL_ESTIMATORS, kind, "KL estimator")
     return estimator(logprobs - ref_logprobs)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax distribution, H = logsumexp(z) - sum_v softmax(z)_v z_v.
-
-    logits: (..., V). Returns (...). This form avoids materialising log-softmax twice.
-    """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,14 +340,13 @@ def token_weights(response_mask: Tensor, mode: str, group_ids: Tensor | None = N
     return weights_fn(mask, group_index)
 
 
-def aggregate(
-    per_token: Tensor, response_mask: Tensor, mode: str, group_ids: Tensor | None = None
-) -> Tensor:
-    """Reduce a per-token loss (N, T) to a scalar: `sum_{j,t} per_token_{j,t} * w_{j,t}` with
-    `w = token_weights(response_mask, mode, group_ids)`. Off-mask entries are ignored even if
-    they are not finite. Returns a 0-dim tensor, float32 at least: weights stay float32 so a
-    bfloat16 loss is not summed with 8-bit-mantissa weights."""
-    weights = token_weights(response_mask, mode, group_ids).to(per_token.device)
+def aggregate(per_token: Tensor, weights: Tensor) -> Tensor:
+    """Reduce a per-token loss (N, T) to a scalar, `sum_{j,t} per_token_{j,t} * w_{j,t}`, with
+    weights `w` from `token_weights` (computed over the whole mini-batch and sliced to the rows
+    of a micro-batch: the micro-batch sums then add up to the mini-batch loss). Entries of weight
+    0 are ignored even if they are not finite. Returns a 0-dim tensor, float32 at least when the
+    weights are: they stay float32 so a bfloat16 loss is not summed with 8-bit-mantissa weights."""
+    weights = weights.to(per_token.device)
     return torch.where(weights > 0, per_token * weights, torch.zeros_like(per_token)).sum()
 
 

@@ -2,199 +2,83 @@
 
 Each iteration:
   a. take the next chunk of prompts;
-  b. allocation=gvm: draw N' pre-samples per prompt, grade them, estimate each prompt's accept rate
-     p_i and gradient norm G_i, and allocate the budget N over prompts (`gvmrl.allocation`);
-     allocation=uniform: n samples per prompt;
+  b. the allocation rule (`gvmrl.allocators`) gives each prompt its number of samples n_i; GVM
+     draws N' pre-samples per prompt, estimates each prompt's accept rate p_i and gradient norm
+     G_i and spreads the budget N by `gvmrl.allocation`; uniform gives every prompt n;
   c. draw n_i samples per prompt from the current policy and grade them;
-  d. M-step: RAFT, RAFT++ or GRPO over mini-batches, AdamW;
+  d. M-step: the configured algorithm (`gvmrl.algorithms`: RAFT, RAFT++ or GRPO) over
+     mini-batches, AdamW;
   e. log, evaluate every k iterations, checkpoint.
 
-`Trainer.iteration` is that list, one named step per line; the steps are methods below it.
+`Trainer.iteration` is that list, one named step per line; the steps are methods below it. What
+the loop needs is built first, by the functions of `gvmrl.run_setup`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import transformers
 
-from gvmrl.allocation import allocate
-from gvmrl.batching import SequenceBatch, pack_sequences, token_logprobs
-from gvmrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from gvmrl.config import ConfigError, TrainConfig, load_config, save_config
-from gvmrl.data import PromptRecord, format_prompt, load_prompts
-from gvmrl.estimation import per_sample_grad_norms, prompt_stats
+from gvmrl.algorithms import ALGORITHMS
+from gvmrl.allocators import AllocationContext, make_allocator
+from gvmrl.batching import SequenceBatch, micro_batches, pack_sequences, token_logprobs
+from gvmrl.checkpoint import save_checkpoint
+from gvmrl.config import TrainConfig
+from gvmrl.data import format_prompt
+from gvmrl.estimation import per_sample_grad_norms
 from gvmrl.evaluation import evaluate
 from gvmrl.io import atomic_directory
-from gvmrl.losses import (
-    clipped_policy_loss,
-    compute_advantages,
-    kl_penalty,
-    raft_loss,
-    token_weights,
-)
-from gvmrl.models import default_instruction, load_model_and_tokenizer
+from gvmrl.losses import aggregate, kl_penalty, token_weights
 from gvmrl.progress import Progress
+from gvmrl.records import PromptRecord, Rollouts
 from gvmrl.rewards import REWARDS
-from gvmrl.rollout import Sample, SamplingParams, make_engine
-from gvmrl.tracking import MetricsLogger
+from gvmrl.rollout import Sample, SamplingParams
+from gvmrl.run_setup import (
+    PHASE_EVAL,
+    PHASE_PRESAMPLE,
+    PHASE_SAMPLE,
+    PHASE_UPDATE,
+    build_engine,
+    build_optimizer,
+    configure_torch,
+    derive_seed,
+    load_data,
+    load_policy,
+    open_metrics_logger,
+    prepare_output_dir,
+    restore_state,
+)
+from gvmrl.runtime import instruction_for, resolve_device
+from gvmrl.timing import IterationMetrics
 from gvmrl.verify import Grader
-
-# Keys of a saved config that may change when a run is resumed (extended or re-logged).
-RESUMABLE_CHANGES = {"iterations", "logging", "eval", "threads"}
-
-
-@dataclass
-class Rollouts:
-    """Graded samples of one iteration phase. `group[j]` is sample j's prompt index in the batch."""
-
-    samples: list[Sample]
-    scores: np.ndarray  # (N,) float
-    group: np.ndarray  # (N,) int
-
-    @staticmethod
-    def concat(a: Rollouts, b: Rollouts) -> Rollouts:
-        return Rollouts(
-            a.samples + b.samples,
-            np.concatenate([a.scores, b.scores]),
-            np.concatenate([a.group, b.group]),
-        )
-
-    def select(self, keep: np.ndarray) -> Rollouts:
-        idx = np.flatnonzero(keep)
-        return Rollouts([self.samples[i] for i in idx], self.scores[idx], self.group[idx])
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s.response_ids) for s in self.samples)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from (run seed, iteration, phase): the same on a resumed run."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-PHASE_PRESAMPLE, PHASE_SAMPLE, PHASE_UPDATE, PHASE_EVAL, PHASE_DATA = range(5)
-
-
-class PromptStream:
-    """Epochs over the training prompts, reshuffled per epoch by seed; batch k is a pure function
-    of k, so a resumed run sees exactly the prompts the uninterrupted run would have."""
-
-    def __init__(self, records: list[PromptRecord], batch_size: int, seed: int):
-        if not records:
-            raise ValueError("no training prompts")
-        self.records, self.batch_size, self.seed = records, batch_size, seed
-
-    def batch(self, iteration: int) -> list[PromptRecord]:
-        start = (iteration - 1) * self.batch_size
-        return [self.records[self._index(k)] for k in range(start, start + self.batch_size)]
-
-    def _index(self, k: int) -> int:
-        epoch, offset = divmod(k, len(self.records))
-        order = np.random.default_rng(derive_seed(self.seed, PHASE_DATA, epoch)).permutation(
-            len(self.records)
-        )
-        return int(order[offset])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 class Trainer:
     """Holds the run's state (policy, optimizer, engine, data) and runs Algorithm 1."""
 
     def __init__(self, config: TrainConfig, output_dir: str | Path):
-        self.config = config
+        self.config = config.validate()
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = latest_checkpoint(self.output_dir)
-        if checkpoint is not None:
-            _check_resumable(self.output_dir / "config.yaml", config)
-        save_config(config, self.output_dir / "config.yaml")
-
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        transformers.utils.logging.disable_progress_bar()  # per-checkpoint bars would drown the log
-        torch.manual_seed(config.seed)
+        checkpoint = prepare_output_dir(config, self.output_dir)
+        configure_torch(config)
         self.device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, self.device)
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            str(checkpoint) if checkpoint else config.model, device=self.device, dtype=dtype
-        )
-        self.reference = None
-        if config.loss.kl_coef > 0:  # the KL anchor is the initial policy, also after a resume
-            initial = (
-                load_model_and_tokenizer(config.model, device=self.device, dtype=dtype)[0]
-                if checkpoint
-                else self.model
-            )
-            self.reference = _frozen_copy(initial)
-        self.engine = make_engine(
-            config.rollout.engine, self.model, self.tokenizer, **_engine_options(config)
-        )
+        self.model, self.tokenizer, self.reference = load_policy(config, checkpoint, self.device)
+        self.engine = build_engine(config, self.model, self.tokenizer)
         self.grader = Grader(workers=config.verifier_workers, timeout=config.verifier_timeout)
-        self.instruction = (
-            default_instruction(self.model)
-            if config.data.instruction == "auto"
-            else config.data.instruction
-        )
-        data = dict(
-            preset=config.data.preset,
-            problem_field=config.data.problem_field,
-            answer_field=config.data.answer_field,
-        )
-        self.stream = PromptStream(
-            load_prompts(config.train_data, split="train", **data),
-            config.prompts_per_iteration,
-            config.seed,
-        )
-        self.eval_records = (
-            load_prompts(config.eval_data, split="test", limit=config.data.eval_limit, **data)
-            if config.eval_data
-            else []
-        )
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=config.optim.lr,
-            betas=config.optim.betas,
-            weight_decay=config.optim.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
-
-        self.state: dict[str, Any] = {
-            "iteration": 0,
-            "samples_generated": 0,
-            "tokens_generated": 0,
-            "optimizer_steps": 0,
-            "wall_time": 0.0,
-        }
-        if checkpoint is not None:
-            self.state = load_trainer_state(checkpoint, self.optimizer, self.scheduler)
-        self.metrics = MetricsLogger(
-            self.output_dir,
-            tensorboard=config.logging.tensorboard,
-            wandb_project=config.logging.wandb_project,
-            wandb_run_name=config.logging.wandb_run_name,
-            config=config.to_dict(),
-            resume_after=self.state["iteration"] if checkpoint is not None else None,
+        self.instruction = instruction_for(self.model, config.data.instruction)
+        self.stream, self.eval_records = load_data(config)
+        self.optimizer, self.scheduler = build_optimizer(config, self.model)
+        self.algorithm = ALGORITHMS[config.algorithm]
+        self.allocator = make_allocator(config)
+        self.state = restore_state(checkpoint, self.optimizer, self.scheduler, self.allocator)
+        self.metrics = open_metrics_logger(
+            config, self.output_dir, self.state["iteration"] if checkpoint is not None else None
         )
         self.progress = Progress(enabled=config.logging.progress)
 
@@ -223,45 +107,44 @@ class Trainer:
 
     def iteration(self, iteration: int) -> dict[str, Any]:
         """One EM iteration of GVM-EM (Algorithm 1)."""
-        cfg, m = self.config, Metrics()
+        m = IterationMetrics()
+        timer = m.timed
         prompts = self.stream.batch(iteration)  # a.
-        if cfg.allocation == "gvm":  # b.
-            presamples = m.time(
-                "presample",
-                self.sample,
-                prompts,
-                [cfg.gvm.presamples] * len(prompts),
-                iteration,
-                PHASE_PRESAMPLE,
-            )
-            p, g = m.time("stats", self.estimate_prompt_stats, presamples)
-            sizes = self.allocate(p, g, len(prompts))
-            m.add(allocation_metrics(sizes, p, g, presamples))
-        else:
-            presamples, sizes = None, np.full(len(prompts), cfg.samples_per_prompt)
-        rollouts = m.time("sample", self.sample, prompts, sizes, iteration, PHASE_SAMPLE)  # c.
-        trained = (
-            Rollouts.concat(presamples, rollouts)
-            if presamples and (cfg.gvm.reuse_presamples or cfg.gvm.budget_inclusive)
-            else rollouts
-        )
-        m.add(m.time("update", self.update, trained, iteration))  # d.
-        m.add(self._generation_metrics(presamples, rollouts))  # e.
+        context = self._allocation_context(iteration, timer)
+        allocation = self.allocator.allocate(prompts, context)  # b.
+        m.add(allocation.metrics)
+        with timer("sample"):  # c.
+            rollouts = self.sample(prompts, allocation.sizes, iteration, PHASE_SAMPLE)
+        with timer("update"):  # d.
+            update = self.update(allocation.training_rollouts(rollouts), iteration)
+        m.add(update)
+        m.add(self._generation_metrics(allocation.presamples, rollouts))  # e.
         if self._eval_due(iteration):
-            m.add(m.time("eval", self.evaluate))
+            with timer("eval"):
+                held_out = self.evaluate()
+            m.add(held_out)
         return {"iteration": iteration, **self._counters(), **m.values}
 
     # ------------------------------------------------------------------------------------------
     # Steps
 
-    def sample(self, prompts: list[PromptRecord], sizes, iteration: int, phase: int) -> Rollouts:
-        """Draw sizes[i] responses to prompt i from the current policy and grade them."""
+    def sample(
+        self,
+        prompts: list[PromptRecord],
+        sizes: Sequence[int],
+        iteration: int,
+        phase: int,
+        round: int = 0,
+    ) -> Rollouts:
+        """Draw sizes[i] responses to prompt i from the current policy and grade them. Round 0 of
+        a phase keeps the phase's own seed; later rounds (multi-round allocation rules) add the
+        round number to it."""
         cfg = self.config
         params = SamplingParams(
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=derive_seed(cfg.seed, iteration, phase),
+            seed=derive_seed(cfg.seed, iteration, phase, *([round] if round else [])),
         )
         self.engine.sync_weights(self.model)
         texts = [format_prompt(self.tokenizer, r.problem, self.instruction) for r in prompts]
@@ -276,76 +159,15 @@ class Trainer:
         self.state["tokens_generated"] += sum(len(s.response_ids) for s in samples)
         return Rollouts(samples, scores, group)
 
-    def estimate_prompt_stats(self, presamples: Rollouts) -> tuple[np.ndarray, np.ndarray]:
-        """Accept rate p_i (optionally Beta-smoothed) and mean gradient norm G_i of accepted samples."""
-        cfg = self.config.gvm
-        norms = np.full(len(presamples.samples), np.nan)
-        measured = measured_subset(presamples.group, presamples.scores > 0.5, cfg.grad_norm_samples)
-        if measured.size:
-            batch = self._pack([presamples.samples[i] for i in measured])
-            norms[measured] = (
-                per_sample_grad_norms(
-                    self.model,
-                    batch.input_ids,
-                    batch.attention_mask,
-                    batch.response_mask,
-                    params=cfg.grad_params,
-                    micro_batch_size=cfg.grad_batch_size,
-                )
-                .float()
-                .cpu()
-                .numpy()
-            )
-        stats = prompt_stats(presamples.group, presamples.scores, norms)
-        # Every prompt has N' >= 1 pre-samples, in prompt order, so stats align with the batch.
-        assert stats.prompt_ids == list(range(self.config.prompts_per_iteration))
-        a, b = cfg.accept_prior
-        p = (stats.num_accepted + a) / (stats.num_samples + a + b)
-        return p, stats.grad_norm
-
-    def allocate(self, p: np.ndarray, g: np.ndarray, num_prompts: int) -> np.ndarray:
-        """n_i for the main samples: the whole budget, or what the pre-samples left of it."""
-        cfg = self.config
-        budget = cfg.gvm_budget - (
-            cfg.gvm.presamples * num_prompts if cfg.gvm.budget_inclusive else 0
-        )
-        with warnings.catch_warnings():  # an empty allocation is reported through progress
-            warnings.filterwarnings("ignore", message="allocate: every prompt has zero weight")
-            sizes = allocate(
-                p,
-                g,
-                budget,
-                rule="gvm",
-                alpha=cfg.gvm.alpha,
-                beta=cfg.gvm.beta,
-                min_size=cfg.gvm.min_size,
-                max_size=cfg.gvm.max_size,
-                drop_above=cfg.gvm.drop_above,
-                min_expected_accepts=cfg.gvm.min_expected_accepts,
-                uniform_share=cfg.gvm.uniform_share,
-            )
-        if budget and not sizes.any():
-            self.progress.log(
-                "no prompt qualified (no accepted pre-sample, or all filtered out): "
-                "no samples allocated this iteration"
-            )
-        return sizes
-
     def update(self, rollouts: Rollouts, iteration: int) -> dict[str, float]:
-        """M-step: advantages, then epochs of mini-batch AdamW steps on the chosen loss."""
+        """M-step: advantages, then epochs of mini-batch AdamW steps on the algorithm's loss."""
         cfg = self.config
-        if cfg.algorithm in ("raft", "raft++"):
-            rollouts = rollouts.select(rollouts.scores > 0.5)  # rejection sampling: accepted only
+        rollouts = rollouts.select(self.algorithm.trains_on(rollouts.scores))
         metrics = {"trained_samples": len(rollouts.samples), "optimizer_steps": 0}
         if not rollouts.samples:
-            return metrics  # nothing accepted: skip the step rather than take an empty one
-        estimator = (
-            "raft++"
-            if cfg.algorithm != "grpo"
-            else ("grpo" if cfg.loss.grpo_scale_by_std else "grpo-no-std")
-        )
+            return metrics  # nothing to train on: skip the step rather than take an empty one
         group = torch.as_tensor(rollouts.group)
-        advantages = compute_advantages(estimator, torch.as_tensor(rollouts.scores), group)
+        advantages = self.algorithm.advantages(torch.as_tensor(rollouts.scores), group, cfg.loss)
         # GRPO: samples in groups whose rewards are all equal carry no policy gradient
         metrics["zero_advantage_share"] = float((advantages == 0).float().mean())
         batch = self._pack(rollouts.samples)
@@ -401,6 +223,24 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Helpers
 
+    def _allocation_context(self, iteration: int, timer) -> AllocationContext:
+        def sample(prompts: list[PromptRecord], sizes: Sequence[int], round: int = 0) -> Rollouts:
+            return self.sample(prompts, sizes, iteration, PHASE_PRESAMPLE, round)
+
+        def grad_norms(samples: list[Sample], params: str, micro_batch_size: int) -> np.ndarray:
+            batch = self._pack(samples)
+            norms = per_sample_grad_norms(
+                self.model,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_mask,
+                params=params,
+                micro_batch_size=micro_batch_size,
+            )
+            return norms.float().cpu().numpy()
+
+        return AllocationContext(sample, grad_norms, timer, self.progress.log)
+
     def _pack(self, samples: list[Sample]) -> SequenceBatch:
         return pack_sequences(
             [s.prompt_ids for s in samples],
@@ -420,7 +260,11 @@ class Trainer:
         return old.to(self.device)
 
     def _optimizer_step(
-        self, batch: SequenceBatch, old_logprobs, advantages, group
+        self,
+        batch: SequenceBatch,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        group: torch.Tensor,
     ) -> dict[str, float]:
         """One optimizer step on a mini-batch, accumulated over micro-batches. The token weights are
         computed over the whole mini-batch, so the accumulated gradient equals the full-batch one."""
@@ -428,40 +272,32 @@ class Trainer:
         weights = token_weights(batch.response_mask, cfg.loss.aggregation, group).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "kl": 0.0, "entropy": 0.0}
-        micro = cfg.update.micro_batch_size
-        for start in range(0, len(batch), micro):
-            rows = slice(start, start + micro)
-            mb = _trim(batch.select(rows))
+        for rows, mb in micro_batches(batch, cfg.update.micro_batch_size):
             width = mb.input_ids.shape[1]
             w = weights[rows, :width]
             logp, entropy = token_logprobs(
                 self.model, mb, temperature=cfg.rollout.temperature, with_entropy=True
             )
-            if cfg.algorithm == "raft":
-                per_token, stats = raft_loss(logp, mb.response_mask), {}
-            else:
-                per_token, stats = clipped_policy_loss(
-                    logp,
-                    old_logprobs[rows, :width],
-                    advantages[rows].to(self.device),
-                    mb.response_mask,
-                    clip_low=cfg.loss.clip_low,
-                    clip_high=cfg.loss.clip_high,
-                    dual_clip=cfg.loss.dual_clip,
-                )
+            per_token, stats = self.algorithm.per_token_loss(
+                logp,
+                old_logprobs[rows, :width],
+                advantages[rows].to(self.device),
+                mb.response_mask,
+                cfg.loss,
+            )
             if self.reference is not None:
                 with torch.no_grad():
                     ref = token_logprobs(self.reference, mb, temperature=cfg.rollout.temperature)
                 kl = kl_penalty(logp, ref, cfg.loss.kl_kind)
                 per_token = per_token + cfg.loss.kl_coef * kl
-                totals["kl"] += float((kl.detach() * w).sum())
+                totals["kl"] += float(aggregate(kl.detach(), w))
             if cfg.loss.entropy_coef:
                 per_token = per_token - cfg.loss.entropy_coef * entropy
-            loss = (per_token * w).sum()
+            loss = aggregate(per_token, w)
             loss.backward()
             share = float(w.sum())  # this micro-batch's share of the mini-batch's token weight
             totals["loss"] += float(loss.detach())
-            totals["entropy"] += float((entropy.detach() * w).sum())
+            totals["entropy"] += float(aggregate(entropy.detach(), w))
             for key in ("clipfrac", "approx_kl"):
                 if key in stats:
                     totals[key] += float(stats[key]) * share
@@ -479,7 +315,7 @@ class Trainer:
             "train_accuracy": float(rollouts.scores.mean())
             if len(rollouts.samples)
             else float("nan"),
-            "accepted_samples": int((rollouts.scores > 0.5).sum()),
+            "accepted_samples": int(rollouts.accepted.sum()),
             "response_tokens_mean": rollouts.tokens / max(len(rollouts.samples), 1),
             "truncated_share": float(
                 np.mean([s.finish_reason == "length" for s in rollouts.samples])
@@ -515,6 +351,7 @@ class Trainer:
         )
         self.progress.log(_summary_line(metrics))
         self.state["iteration"] = metrics["iteration"]
+        self.state["allocator"] = self.allocator.state_dict()
         save_checkpoint(
             self.output_dir,
             model=self.model,
@@ -528,61 +365,6 @@ class Trainer:
         with atomic_directory(self.output_dir / "final") as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-
-
-class Metrics:
-    """Collects an iteration's metrics and the time of each phase (`time_<phase>`)."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def time(self, phase: str, fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        self.values[f"time_{phase}"] = time.perf_counter() - start
-        return result
-
-    def add(self, values: dict[str, Any]) -> None:
-        self.values.update(values)
-
-
-def allocation_metrics(
-    sizes: np.ndarray, p: np.ndarray, g: np.ndarray, presamples: Rollouts
-) -> dict[str, float]:
-    """How the budget was spread: share of prompts left out, largest n_i, entropy of n / N, and
-    how G_i relates to p_i (CALIBRATION.md saw a strong negative correlation)."""
-    total = sizes.sum()
-    share = sizes[sizes > 0] / max(total, 1)
-    live = (p > 0) & (g > 0)
-    corr = (
-        float(np.corrcoef(p[live], g[live])[0, 1])
-        if live.sum() > 2 and np.ptp(p[live]) > 0 and np.ptp(g[live]) > 0
-        else float("nan")
-    )
-    return {
-        "alloc_zero_share": float((sizes == 0).mean()),
-        "alloc_max": int(sizes.max()) if sizes.size else 0,
-        "alloc_entropy": float(-(share * np.log(share)).sum()) if share.size else 0.0,
-        "alloc_budget": int(total),
-        "accept_rate_mean": float(p.mean()),
-        "grad_norm_mean": float(g[g > 0].mean()) if (g > 0).any() else 0.0,
-        "corr_accept_rate_grad_norm": corr,
-        "samples_per_prompt": sizes.tolist(),
-    }
-
-
-def measured_subset(group: np.ndarray, accepted: np.ndarray, per_prompt: int | None) -> np.ndarray:
-    """Indices of the accepted samples whose gradient norm is computed: the first `per_prompt`
-    accepted ones of each prompt (samples are i.i.d., so the first are as good as any), or all."""
-    index = np.flatnonzero(accepted)
-    if per_prompt is None:
-        return index
-    rank = np.zeros(index.size, dtype=np.int64)  # position among its prompt's accepted samples
-    seen: dict[int, int] = {}
-    for k, g in enumerate(group[index]):
-        rank[k] = seen.get(int(g), 0)
-        seen[int(g)] = rank[k] + 1
-    return index[rank < per_prompt]
 
 
 def minibatch_rows(
@@ -604,59 +386,6 @@ def minibatch_rows(
         order = rng.permutation(len(group))
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
     return [c for c in chunks if c.size]
-
-
-def _trim(batch: SequenceBatch) -> SequenceBatch:
-    """Drop the all-padding columns at the right of a right-padded micro-batch."""
-    width = int(batch.attention_mask.sum(dim=1).max())
-    return SequenceBatch(
-        batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.response_mask[:, :width]
-    )
-
-
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
-
-
-def _engine_options(config: TrainConfig) -> dict[str, Any]:
-    if config.rollout.engine == "hf":
-        return {"max_batch_sequences": config.rollout.batch_size}
-    return {"gpu_memory_utilization": config.rollout.gpu_memory_utilization, "seed": config.seed}
-
-
-def _lr_lambda(config: TrainConfig):
-    """Linear warm-up, then constant or cosine decay over the run's expected optimizer steps."""
-    o = config.optim
-    steps_per_iteration = config.update.epochs * math.ceil(
-        config.prompts_per_iteration / config.update.minibatch_size
-    )
-    total = max(1, config.iterations * steps_per_iteration)
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "cosine":
-            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
-
-
-def _check_resumable(saved_path: Path, config: TrainConfig) -> None:
-    """Resuming with other settings would silently mix two runs: refuse, naming the keys."""
-    if not saved_path.is_file():
-        return
-    saved = load_config(saved_path).to_dict()
-    new = config.to_dict()
-    changed = [k for k in new if k not in RESUMABLE_CHANGES and saved.get(k) != new[k]]
-    if changed:
-        raise ConfigError(
-            f"{saved_path.parent}: holds a checkpoint of a run with other settings ({', '.join(changed)} differ); "
-            "use a new --output-dir, or the saved settings to resume"
-        )
 
 
 def _summary_line(metrics: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ WARM_STEPS = 300  # enough supervised steps for the built-in model to solve shor
 @pytest.fixture(scope="session")
 def warm_checkpoint(tmp_path_factory):
     """The built-in tiny model after a short supervised warm start (about a minute on 2 cores)."""
-    from gvmrl.pretrain import pretrain
+    from gvmrl.builtin.pretrain import pretrain
 
     path = tmp_path_factory.mktemp("warm") / "checkpoint"
     # Annealed to lr 0: in a run this short that is what makes short chains come out right (the
@@ -24,7 +24,7 @@ def warm_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def easy_prompts(tmp_path_factory):
     """Built-in train problems of one or two steps, where a briefly trained model is often right."""
-    from gvmrl.task import builtin_problems
+    from gvmrl.builtin.task import builtin_problems
 
     path = tmp_path_factory.mktemp("data") / "easy.jsonl"
     rows = [

@@ -10,6 +10,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from gvmrl.batching import pack_sequences
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
 from gvmrl.estimation import (
     PromptStats,
     per_sample_grad_norms,
@@ -130,9 +131,8 @@ def test_matches_one_backward_per_sample(dtype, rtol, tied, group, padding_side)
 
 
 def test_builtin_architecture_tied_embeddings():
-    models = pytest.importorskip("gvmrl.models")
     torch.manual_seed(0)
-    config = models.builtin_model_config(models.builtin_tokenizer())
+    config = builtin_model_config(builtin_tokenizer())
     model = Qwen2ForCausalLM(config).double()
     prompts, responses, weights = random_rows(20, 4, seed=3)  # ids < 20 include the pad id 0
     ids, attention, mask = batch_tensors(prompts, responses, weights, "left")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from gvmrl.builtin.model import BUILTIN_VERSION, builtin_model_config, builtin_tokenizer
 from gvmrl.cli import main
-from gvmrl.data import PromptRecord
 from gvmrl.evaluation import evaluate, pass_at_k, pass_k_values
-from gvmrl.models import BUILTIN_VERSION, builtin_model_config, builtin_tokenizer
+from gvmrl.records import PromptRecord
 from gvmrl.rollout import Sample, SamplingParams, make_engine
 from gvmrl.verify import Grader
 
@@ -223,3 +223,30 @@ def test_eval_cli_bad_row_exits_2_without_output(tmp_path):
     assert proc.returncode == 2
     assert f"{data}:2: field 'answer' missing" in proc.stderr
     assert list(tmp_path.iterdir()) == [data]
+
+
+def test_eval_cli_skips_or_refuses_prompts_longer_than_the_context(tmp_path, capsys):
+    """A 1 MB problem (the built-in context is 512) is skipped and counted, or stops the command
+    before sampling with --overlong error; it never reaches the engine."""
+    model_dir = tiny_checkpoint(tmp_path / "model")
+    huge = {"id": "huge", "problem": "1+" * 500_000 + "1", "answer": "500001"}
+    near = {"id": "near", "problem": "1" * 300, "answer": "1"}  # fits alone, not with 256 new
+    data = write_prompts(tmp_path / "long.jsonl", [PROMPT_ROWS[0], huge, near, PROMPT_ROWS[1]])
+    output = tmp_path / "results.json"
+    argv = [
+        *("eval", "--model", str(model_dir), "--data", str(data), "--samples", "1"),
+        *("--max-new-tokens", "256", "--workers", "0", "--no-progress", "--output", str(output)),
+    ]
+    assert main(argv) == 0
+    result = json.loads(output.read_text())["results"]["long"]
+    assert result["prompts"] == 2 and result["skipped_overlong"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "results.long.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["000000", "000003"]
+    assert "skipped 2 prompts longer than" in capsys.readouterr().err
+
+    output.unlink()
+    assert main([*argv, "--overlong", "error"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"{data}: prompt 'huge' is ")
+    assert "Traceback" not in err
+    assert not output.exists()

@@ -14,7 +14,6 @@ from gvmrl.losses import (
     aggregate,
     clipped_policy_loss,
     compute_advantages,
-    entropy_from_logits,
     grpo_advantages,
     kl_penalty,
     masked_mean,
@@ -88,7 +87,8 @@ def test_raft_loss_is_masked_negative_logprob():
     mask = torch.tensor([[1, 1, 0]])
     torch.testing.assert_close(raft_loss(logprobs, mask), torch.tensor([[1.0, 2.0, 0.0]]))
     # RAFT: negative mean log-likelihood of the accepted tokens = (1 + 2) / 2
-    assert aggregate(raft_loss(logprobs, mask), mask, "token-mean").item() == pytest.approx(1.5)
+    loss = aggregate(raft_loss(logprobs, mask), token_weights(mask, "token-mean"))
+    assert loss.item() == pytest.approx(1.5)
 
 
 def _ppo_case(log_ratio: float, advantage: float, **kwargs):
@@ -210,17 +210,6 @@ def test_unknown_kl_kind_lists_known():
         kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
 
 
-def test_entropy_from_logits():
-    # uniform over 4 -> log 4; one-hot-ish logits -> ~0; batch dims preserved
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
-    got = entropy_from_logits(logits)
-    assert got.shape == (1, 2)
-    torch.testing.assert_close(got, torch.tensor([[math.log(4), 0.0]]), atol=1e-5, rtol=0)
-    random_logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
-    want = torch.distributions.Categorical(logits=random_logits).entropy()
-    torch.testing.assert_close(entropy_from_logits(random_logits), want)
-
-
 # ---------------------------------------------------------------------------------- aggregation
 
 
@@ -259,7 +248,7 @@ def _random_batch(seed: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_aggregate_matches_loop(mode, seed):
     per_token, mask, group_ids = _random_batch(seed)
-    got = aggregate(per_token, mask, mode, group_ids)
+    got = aggregate(per_token, token_weights(mask, mode, group_ids))
     assert got.item() == pytest.approx(_aggregate_loop(per_token, mask, mode, group_ids), rel=1e-5)
 
 
@@ -269,8 +258,9 @@ def test_prompt_mean_weights_each_prompt_equally():
     per_token = torch.tensor([[1.0], [1.0], [1.0], [4.0]])
     mask = torch.ones(4, 1)
     group_ids = torch.tensor([0, 0, 0, 1])
-    assert aggregate(per_token, mask, "token-mean").item() == pytest.approx(1.75)
-    assert aggregate(per_token, mask, "prompt-mean", group_ids).item() == pytest.approx(2.5)
+    assert aggregate(per_token, token_weights(mask, "token-mean")).item() == pytest.approx(1.75)
+    prompt_mean = aggregate(per_token, token_weights(mask, "prompt-mean", group_ids))
+    assert prompt_mean.item() == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize("mode", AGGREGATION_MODES)
@@ -286,14 +276,14 @@ def test_weight_sums(mode):
 def test_micro_batches_reproduce_mini_batch_loss_and_gradient(mode):
     per_token, mask, group_ids = _random_batch(3)
     params = per_token.clone().requires_grad_(True)
-    full = aggregate(params, mask, mode, group_ids)
+    full = aggregate(params, token_weights(mask, mode, group_ids))
     (full_grad,) = torch.autograd.grad(full, params)
 
     weights = token_weights(mask, mode, group_ids)  # once per mini-batch, sliced per micro-batch
     params.grad = None
     total = 0.0
     for rows in (slice(0, 2), slice(2, 5), slice(5, 9)):  # uneven split, one holds the empty row
-        micro = (params[rows] * weights[rows]).sum()
+        micro = aggregate(params[rows], weights[rows])
         micro.backward()
         total += micro.item()
     assert total == pytest.approx(full.item(), rel=1e-6)
@@ -304,14 +294,15 @@ def test_aggregation_edge_cases():
     per_token = torch.tensor([[2.0, float("nan")]])
     mask = torch.tensor([[1, 0]])
     for mode in AGGREGATION_MODES:  # off-mask NaN ignored
-        assert aggregate(per_token, mask, mode, torch.tensor([0])).item() == 2.0
+        assert aggregate(per_token, token_weights(mask, mode, torch.tensor([0]))).item() == 2.0
     # bf16 loss, weights 1/3: summed in float32 it is exactly 1 (bf16 weights would give 1.002)
     bf16_loss = torch.ones(1, 3, dtype=torch.bfloat16)
-    low_precision = aggregate(bf16_loss, torch.ones(1, 3), "token-mean")
+    low_precision = aggregate(bf16_loss, token_weights(torch.ones(1, 3), "token-mean"))
     assert low_precision.dtype == torch.float32
     assert low_precision.item() == pytest.approx(1.0, abs=1e-6)
     empty = torch.zeros(2, 3, dtype=torch.bool)
-    assert aggregate(torch.ones(2, 3), empty, "prompt-mean", torch.tensor([0, 1])).item() == 0.0
+    empty_weights = token_weights(empty, "prompt-mean", torch.tensor([0, 1]))
+    assert aggregate(torch.ones(2, 3), empty_weights).item() == 0.0
     with pytest.raises(ValueError, match="needs group_ids"):
         token_weights(mask, "prompt-mean")
     with pytest.raises(ValueError, match="known: token-mean"):

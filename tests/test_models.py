@@ -8,17 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-import gvmrl.pretrain
-from gvmrl.models import (
+import gvmrl.builtin.pretrain
+from gvmrl.builtin.model import (
     BUILTIN,
     BUILTIN_VERSION,
     CHARACTERS,
     SPECIAL_TOKENS,
-    builtin_checkpoint,
     builtin_model_config,
     builtin_tokenizer,
-    load_model_and_tokenizer,
 )
+from gvmrl.builtin.pretrain import builtin_checkpoint
+from gvmrl.models import load_model_and_tokenizer
 
 TEXT = "a=3; b=a*4; what is b?\n3*4=12. \\boxed{12} ~{}[]|`"
 
@@ -134,13 +134,13 @@ def test_builtin_checkpoint_builds_once_into_the_cache(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="gvmrl pretrain"):
         builtin_checkpoint(build=False)
     calls = []
-    real_pretrain = gvmrl.pretrain.pretrain
+    real_pretrain = gvmrl.builtin.pretrain.pretrain
 
     def short_pretrain(path, **kwargs):  # the real code path, cut to two steps
         calls.append(path)
         return functools.partial(real_pretrain, steps=2, batch_size=4)(path, **kwargs)
 
-    monkeypatch.setattr(gvmrl.pretrain, "pretrain", short_pretrain)
+    monkeypatch.setattr(gvmrl.builtin.pretrain, "pretrain", short_pretrain)
     path = builtin_checkpoint(progress=False)
     assert path == tmp_path / BUILTIN_VERSION and calls == [path]
     assert builtin_checkpoint() == path and len(calls) == 1  # cached

@@ -1,4 +1,4 @@
-"""Supervised warm start: target masking, schedule, micro-batches, a short real run, CLI."""
+"""Supervised warm start: targets, micro-batches, a short real run, CLI."""
 
 from __future__ import annotations
 
@@ -11,73 +11,49 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
+from gvmrl.builtin.pretrain import accumulate_gradients, encode_examples, pretrain
+from gvmrl.builtin.task import generate_problems
 from gvmrl.cli import main
-from gvmrl.models import builtin_model_config, builtin_tokenizer
-from gvmrl.pretrain import (
-    IGNORE_INDEX,
-    _optimizer_step,
-    collate,
-    encode_examples,
-    learning_rate,
-    pretrain,
-)
-from gvmrl.task import generate_problems
 
 
 def test_examples_put_the_solution_and_end_token_after_the_prompt():
     tokenizer = builtin_tokenizer()
     problem = generate_problems(1, seed=4)[0]
-    [(ids, prompt_len)] = encode_examples(tokenizer, [problem])
-    assert tokenizer.decode(ids[:prompt_len]) == f"<|user|>{problem.problem}<|end|><|assistant|>"
-    assert tokenizer.decode(ids[prompt_len:]) == problem.solution + "<|end|>"
+    [(prompt_ids, target_ids)] = encode_examples(tokenizer, [problem])
+    assert tokenizer.decode(prompt_ids) == f"<|user|>{problem.problem}<|end|><|assistant|>"
+    assert tokenizer.decode(target_ids) == problem.solution + "<|end|>"
 
 
-def test_collate_masks_prompt_and_padding():
-    batch = collate([([5, 6, 7, 8], 2), ([9, 10], 1)], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    ignore = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[ignore, ignore, 7, 8], [ignore, 10, ignore, ignore]]
-
-
-def test_learning_rate_warms_up_then_decays_by_cosine_to_the_floor():
-    assert learning_rate(0, 100, 1.0, 10, floor=0.1) == pytest.approx(0.1)
-    assert learning_rate(9, 100, 1.0, 10, floor=0.1) == pytest.approx(1.0)
-    assert learning_rate(10, 100, 1.0, 10, floor=0.1) == pytest.approx(1.0)
-    # halfway through the decay: cos(pi/2) = 0, so halfway between peak and floor
-    assert learning_rate(55, 100, 1.0, 10, floor=0.1) == pytest.approx(0.55)
-    assert learning_rate(100, 100, 1.0, 10, floor=0.1) == pytest.approx(0.1)
-    assert learning_rate(100, 100, 2.0, 10, floor=0.0) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_micro_batches_give_the_full_batch_step():
-    """Accumulated re-weighted micro-batch losses = one step on the mean over all target tokens."""
+def test_micro_batches_give_the_full_batch_gradient():
+    """Accumulated micro-batch losses = the mean cross-entropy over all target tokens."""
     tokenizer = builtin_tokenizer()
     examples = encode_examples(tokenizer, generate_problems(6, seed=2))
-    states, losses = [], []
-    for micro in (6, 4):
+    grads, losses = [], []
+    for micro in (6, 4, 1):
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(builtin_model_config(tokenizer))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss, n_targets = _optimizer_step(model, optimizer, examples, tokenizer.pad_token_id, micro)
+        loss, n_targets = accumulate_gradients(model, examples, tokenizer.pad_token_id, micro)
         losses.append(loss)
-        states.append(model.state_dict())
-    assert n_targets == sum(len(ids) - p for ids, p in examples)
-    # independent reference: cross-entropy summed over every target token, divided by their count
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert n_targets == sum(len(t) for _, t in examples)
+    # independent reference: the HF cross-entropy summed over every target token of each unpadded
+    # sequence, divided by their count, and its gradient
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(builtin_model_config(tokenizer))
     total = 0.0
-    for ids, prompt_len in examples:
-        logits = model(torch.tensor([ids])).logits[0]
-        targets = torch.tensor(ids[prompt_len:])
-        total += torch.nn.functional.cross_entropy(
-            logits[prompt_len - 1 : -1], targets, reduction="sum"
-        ).item()
-    assert losses[0] == pytest.approx(total / n_targets, rel=1e-4)
-    for loss, state in zip(losses[1:], states[1:]):
-        assert loss == pytest.approx(losses[0], rel=1e-4)
-        for name, tensor in state.items():
-            torch.testing.assert_close(tensor, states[0][name], rtol=1e-4, atol=1e-6)
+    for prompt_ids, target_ids in examples:
+        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
+        loss = torch.nn.functional.cross_entropy(
+            logits[len(prompt_ids) - 1 : -1], torch.tensor(target_ids), reduction="sum"
+        )
+        (loss / n_targets).backward()
+        total += loss.item()
+    assert losses[0] == pytest.approx(total / n_targets, rel=1e-5)
+    for loss, grad in zip(losses, grads):
+        assert loss == pytest.approx(losses[0], rel=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grad[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

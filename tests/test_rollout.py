@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 import math
 
 import pytest
 import torch
 
-from gvmrl.models import builtin_tokenizer
+from gvmrl.builtin.model import builtin_tokenizer
 from gvmrl.rollout import ENGINES, SamplingParams, make_engine
 from gvmrl.rollout.base import check_request, cut_at_stop
 from gvmrl.rollout.hf import plan_batches, sampling_logprobs
@@ -204,8 +206,23 @@ def test_cut_at_stop():
     assert cut_at_stop("abc", ()) is None
 
 
-def test_engines_are_registered():
+def test_engines_are_registered(tokenizer):
+    """Each registered name resolves to a class with the `RolloutEngine` methods; make_engine
+    builds the HF one around the training model, and an unknown name fails listing the names."""
     assert set(ENGINES) == {"hf", "vllm"}
+    for name, target in ENGINES.items():
+        module_name, class_name = target.split(":")
+        engine_class = getattr(importlib.import_module(module_name), class_name)
+        assert inspect.isclass(engine_class), name
+        for method in ("generate", "sync_weights"):
+            assert callable(getattr(engine_class, method, None)), f"{name}: no {method}"
+    model = tiny_model(tokenizer)
+    engine = make_engine("hf", model, tokenizer, max_batch_sequences=4)
+    assert type(engine).__name__ == "HFEngine"
+    samples = engine.generate(["1+1="], [2], SamplingParams(max_new_tokens=3, seed=0))
+    assert [s.prompt_index for s in samples] == [0, 0]
+    with pytest.raises(ValueError, match=r"choose one of \['hf', 'vllm'\]"):
+        make_engine("sglang", model, tokenizer)
 
 
 @pytest.mark.skipif(

@@ -18,7 +18,13 @@ ROWS = [
     {"id": 3, "response": "I am not sure", "answer": "2"},
     {"id": 4, "response": "\\boxed{84, 69}", "answer": ["69", "84"]},
 ]
-EXPECTED = [(1.0, "8"), (1.0, "\\frac{1}{2}"), (0.0, "7"), (0.0, None), (1.0, "84, 69")]
+EXPECTED = [
+    (1.0, "8", "match"),
+    (1.0, "\\frac{1}{2}", "match"),
+    (0.0, "7", "mismatch"),
+    (0.0, None, "no_answer"),
+    (1.0, "84, 69", "match"),
+]
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -31,13 +37,15 @@ def _read(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_score_adds_score_and_pred(tmp_path: Path, capsys, workers: str) -> None:
+def test_score_adds_score_pred_and_reason(tmp_path: Path, capsys, workers: str) -> None:
     source = _write(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
     assert main(["score", "--input", str(source), "--output", str(out), "--workers", workers]) == 0
     rows = _read(out)
-    assert [{k: v for k, v in row.items() if k not in ("score", "pred")} for row in rows] == ROWS
-    assert [(row["score"], row["pred"]) for row in rows] == EXPECTED
+    assert [
+        {k: v for k, v in row.items() if k not in ("score", "pred", "reason")} for row in rows
+    ] == ROWS
+    assert [(row["score"], row["pred"], row["reason"]) for row in rows] == EXPECTED
     assert "accuracy: 0.6000 (3/5)" in capsys.readouterr().err
 
 
@@ -91,7 +99,7 @@ def test_subprocess_end_to_end(tmp_path: Path) -> None:
     command += ["--workers", "1", "--timeout", "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert [(row["score"], row["pred"]) for row in _read(out)] == EXPECTED
+    assert [(row["score"], row["pred"], row["reason"]) for row in _read(out)] == EXPECTED
     assert "accuracy: 0.6000 (3/5)" in done.stderr
 
     missing = _write(tmp_path / "missing.jsonl", [{"response": "\\boxed{1}"}])
@@ -103,7 +111,10 @@ def test_subprocess_end_to_end(tmp_path: Path) -> None:
     assert not (tmp_path / "x.jsonl").exists()
 
 
-@pytest.mark.parametrize("option", [["--workers", "-1"], ["--timeout", "0"]])
+@pytest.mark.parametrize(
+    "option",
+    [["--workers", "-1"], ["--timeout", "0"], ["--timeout", "inf"], ["--timeout", "nan"]],
+)
 def test_bad_options_are_usage_errors(tmp_path: Path, option: list[str]) -> None:
     source = _write(tmp_path / "in.jsonl", ROWS)
     with pytest.raises(SystemExit) as exit_info:

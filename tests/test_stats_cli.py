@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
 from gvmrl.cli import main
-
-models = pytest.importorskip("gvmrl.models")
-data = pytest.importorskip("gvmrl.data")
+from gvmrl.data import format_prompt
+from gvmrl.models import load_model_and_tokenizer
 
 ROWS = [
     {"prompt_id": "a", "prompt": "1+2", "response": "1+2=3. \\boxed{3}", "score": 1.0},
@@ -34,8 +34,8 @@ def model_dir(tmp_path_factory):
     """A random model of the built-in architecture, saved as a checkpoint directory."""
     from transformers import Qwen2ForCausalLM
 
-    tokenizer = models.builtin_tokenizer()
-    config = models.builtin_model_config(tokenizer)
+    tokenizer = builtin_tokenizer()
+    config = builtin_model_config(tokenizer)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model")
     Qwen2ForCausalLM(config).save_pretrained(path)
@@ -51,7 +51,7 @@ def write_rows(path, rows):
 def naive_norm(model, tokenizer, row, instruction):
     """Gradient norm w.r.t. the (tied) embedding matrix from one backward of -sum log pi."""
     prompt = tokenizer.encode(
-        data.format_prompt(tokenizer, row["prompt"], instruction), add_special_tokens=False
+        format_prompt(tokenizer, row["prompt"], instruction), add_special_tokens=False
     )
     response = tokenizer.encode(row["response"], add_special_tokens=False)
     if row.get("finish_reason") != "length":
@@ -72,7 +72,7 @@ def test_stats_match_naive_loop(model_dir, tmp_path):
         == 0
     )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    model, tokenizer = models.load_model_and_tokenizer(str(model_dir))
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
     expected_a = (
         naive_norm(model, tokenizer, ROWS[0], None) + naive_norm(model, tokenizer, ROWS[2], None)
     ) / 2
@@ -101,7 +101,7 @@ def test_subprocess_with_instruction_feeds_allocate(model_dir, tmp_path):
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    model, tokenizer = models.load_model_and_tokenizer(str(model_dir))
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
     # tied embeddings: `lm_head` names the shared matrix, the same group as embed_tokens
     assert rows[1]["grad_norm"] == pytest.approx(
         naive_norm(model, tokenizer, ROWS[4], "Think."), rel=1e-3

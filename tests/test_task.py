@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from gvmrl.data import PromptRecord
-from gvmrl.task import (
+from gvmrl.builtin.task import (
     DIFFICULTIES,
     MAX_VALUE,
     SPLIT_SIZES,
@@ -15,6 +14,7 @@ from gvmrl.task import (
     builtin_split,
     generate_problems,
 )
+from gvmrl.records import PromptRecord
 
 NESTED = re.compile(r"Compute ([0-9+\-*()]+)")
 ASSIGNMENT = re.compile(r"([a-z])=([a-z]|[0-9]+)(?:([+\-*])([0-9]+))?")

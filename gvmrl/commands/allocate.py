@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from gvmrl.allocation import WEIGHT_RULES, allocate
-from gvmrl.io import InputError, read_jsonl, write_json
+from gvmrl.io import InputError, check_output_path, read_jsonl, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,8 @@ def read_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     for line, row in read_jsonl(path):
         accept_rates.append(_number(row, "accept_rate", path, line, 0.0, 1.0, "in [0, 1]"))
         grad_norms.append(_number(row, "grad_norm", path, line, 0.0, math.inf, "finite and >= 0"))
+    if not accept_rates:
+        raise InputError(path, None, "no rows (expected one JSON object per prompt)")
     return np.array(accept_rates, dtype=np.float64), np.array(grad_norms, dtype=np.float64)
 
 
@@ -71,6 +73,8 @@ def _number(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output != "-":
+        check_output_path(args.output)
     accept_rates, grad_norms = read_stats(args.stats)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gvmrl.data import PRESETS, read_prompts
-from gvmrl.io import InputError, write_jsonl
+from gvmrl.io import InputError, check_output_path, write_jsonl
 
 BUILTIN_PRESET = "builtin"
 
@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     prepare.add_argument(
         "--input",
-        help="JSONL/JSON/parquet file, `datasets` save_to_disk directory, or a built-in spec "
-        "such as "
-        "builtin:train or builtin-hard:test (the default with --preset builtin)",
+        help="JSONL/JSON/parquet file, `datasets` save_to_disk directory, a shipped evaluation "
+        "set (math500, ...), or a built-in spec such as builtin:train or builtin-hard:test "
+        "(the default with --preset builtin)",
     )
     prepare.add_argument("--output", required=True, type=Path, help="output JSONL file")
     prepare.add_argument("--limit", type=int, help="keep at most this many rows (after dropping)")
@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         source = args.input
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit", None, "must be >= 1")
+    check_output_path(args.output)
+    if args.split_test:
+        check_output_path(args.test_output or _test_path(args.output))
     loaded = read_prompts(
         source,
         preset=None if args.preset == BUILTIN_PRESET else args.preset,
@@ -82,6 +85,14 @@ def run(args: argparse.Namespace) -> int:
         drop_unanswered=True,
     )
     records = loaded.records
+    if not records:
+        raise InputError(
+            source,
+            None,
+            f"no usable rows: {len(loaded.dropped_rows)} rows read, none with an extractable answer"
+            if loaded.dropped_rows
+            else "no rows",
+        )
     if not 0 <= args.split_test < len(records):
         raise InputError(
             "--split-test", None, f"must be in [0, {len(records)}) for {len(records)} usable rows"

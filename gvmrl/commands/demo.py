@@ -20,13 +20,8 @@ import math
 import sys
 from pathlib import Path
 
-from gvmrl.config import BUILTIN_RECIPE, add_override_argument
-
-ARMS: dict[str, list[str]] = {
-    "uniform": ["allocation=uniform"],
-    "gvm": ["allocation=gvm", "gvm.presamples=8"],
-    "gvm-inclusive": ["allocation=gvm", "gvm.presamples=4", "gvm.budget_inclusive=true"],
-}
+from gvmrl.config import add_override_argument
+from gvmrl.experiments import ARMS, DEMO_ARMS, builtin_run_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_overrides(args: argparse.Namespace) -> list[str]:
     return [
-        "algorithm=raft++",
-        "model=builtin",
-        "train_data=builtin",
-        "eval_data=builtin",
-        f"iterations={args.iterations}",
-        f"prompts_per_iteration={args.prompts}",
+        *builtin_run_overrides(
+            algorithm="raft++", seed=args.seed, iterations=args.iterations, prompts=args.prompts
+        ),
         "samples_per_prompt=8",
-        f"seed={args.seed}",
-        *BUILTIN_RECIPE,
-        f"update.minibatch_size={max(1, args.prompts // 4)}",
-        "eval.every=4",
-        "eval.samples=4",
-        "data.eval_limit=128",
         *args.overrides,
     ]
 
@@ -64,15 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from gvmrl.analysis import cost_to_target, eval_curve, fit_saturating, load_run, plot_curves
     from gvmrl.config import ConfigError, load_config
     from gvmrl.io import json_ready, write_json, write_text
-    from gvmrl.models import builtin_checkpoint
+    from gvmrl.builtin.pretrain import builtin_checkpoint
     from gvmrl.progress import format_table
     from gvmrl.train import train
 
     out = Path(args.output_dir)
     try:
-        configs = {
-            arm: load_config(None, demo_overrides(args) + extra) for arm, extra in ARMS.items()
-        }
+        configs = {arm: load_config(None, demo_overrides(args) + ARMS[arm]) for arm in DEMO_ARMS}
     except ConfigError as e:
         print(f"gvmrl demo: {e}", file=sys.stderr)
         return 2

@@ -5,18 +5,22 @@ per data file (`results.<dataname>.jsonl`), all only after every file has been e
 failed run leaves no partial output.
 
     gvmrl eval --model builtin --data builtin:test --samples 8 --output runs/eval/results.json
-    gvmrl eval --model DIR --data ../shared/data/math500.jsonl --data ../shared/data/amc23.jsonl \
+    gvmrl eval --model DIR --data math500 --data amc23 --data my_problems.jsonl \
         --samples 4 --temperature 0.6 --max-new-tokens 2048 --output results.json
+
+`--data` takes a prompt file, a built-in spec, or the name of an evaluation set shipped with the
+package (math500, amc23, aime24, minerva_math, olympiadbench: `gvmrl.data.EVAL_SETS`).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from gvmrl.data import PRESETS
+from gvmrl.data import EVAL_SETS, PRESETS
 from gvmrl.rollout.base import ENGINES
 
 # Response caps when --max-new-tokens is not given: built-in solutions are ~44 characters and
@@ -51,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         action="append",
         required=True,
-        metavar="FILE",
-        help="prompt file (JSONL/JSON/parquet/datasets dir) or builtin[:test]; repeatable",
+        metavar="SOURCE",
+        help="prompt file (JSONL/JSON/parquet/datasets dir), builtin[:test], or a shipped set: "
+        f"{', '.join(EVAL_SETS)}; repeatable",
     )
     parser.add_argument("--output", required=True, help="results JSON (per-prompt JSONL beside)")
     parser.add_argument("--samples", type=_positive_int, default=8, help="responses per prompt (k)")
@@ -81,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-field", default="answer")
     parser.add_argument("--split", default="test", help="split of a datasets dir or builtin spec")
     parser.add_argument("--limit", type=_positive_int, help="first N prompts of each file")
+    parser.add_argument(
+        "--overlong",
+        choices=["skip", "error"],
+        default="skip",
+        help="prompts that with --max-new-tokens exceed the model's context: skip them (counted "
+        "as skipped_overlong in the summary) or stop before sampling",
+    )
     parser.add_argument("--engine", choices=sorted(ENGINES), default="hf")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--workers", type=int, default=2, help="grading processes")
@@ -101,28 +113,29 @@ def data_names(sources: list[str]) -> list[str]:
 
 
 def _instruction(args: argparse.Namespace, model) -> str | None:
-    from gvmrl.models import default_instruction
+    from gvmrl.runtime import AUTO, instruction_for
 
     if args.no_instruction:
         return None
-    if args.instruction is not None:
-        return args.instruction
-    return default_instruction(model)
+    return instruction_for(model, AUTO if args.instruction is None else args.instruction)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from gvmrl.data import load_prompts
     from gvmrl.evaluation import evaluate
-    from gvmrl.io import write_json, write_jsonl
-    from gvmrl.models import BUILTIN, load_model_and_tokenizer
+    from gvmrl.io import check_output_path, write_json, write_jsonl
+    from gvmrl.builtin.model import BUILTIN
+    from gvmrl.models import load_model_and_tokenizer
     from gvmrl.progress import format_table
+    from gvmrl.prompt_length import context_length, fit_to_context
     from gvmrl.rollout import SamplingParams, make_engine
+    from gvmrl.runtime import resolve_device, resolve_dtype
     from gvmrl.verify import Grader
 
     output = Path(args.output)
     names = data_names(args.data)
+    for path in [output, *(output.with_name(f"{output.stem}.{name}.jsonl") for name in names)]:
+        check_output_path(path)
     datasets = {
         name: load_prompts(
             source,
@@ -134,11 +147,10 @@ def run(args: argparse.Namespace) -> int:
         )
         for name, source in zip(names, args.data)
     }
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=dtype)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, device=device, dtype=resolve_dtype("auto", device)
+    )
     engine = make_engine(args.engine, model, tokenizer, max_batch_sequences=args.batch_size)
     max_new_tokens = (
         args.max_new_tokens
@@ -151,12 +163,31 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     instruction = _instruction(args, model)
+    fitted = {
+        name: fit_to_context(
+            records,
+            tokenizer,
+            instruction,
+            context=context_length(model),
+            max_new_tokens=max_new_tokens,
+            overlong=args.overlong,
+            source=source,
+        )
+        for (name, records), source in zip(datasets.items(), args.data)
+    }
+    for name, fit in fitted.items():
+        if fit.skipped:
+            print(
+                f"eval {name}: skipped {len(fit.skipped)} prompts longer than "
+                f"{fit.max_prompt_tokens} tokens (the context minus --max-new-tokens)",
+                file=sys.stderr,
+            )
     with Grader(workers=args.workers) as grader:
         results = {
             name: evaluate(
                 engine,
                 tokenizer,
-                records,
+                fit.records,
                 samples=args.samples,
                 params=params,
                 grader=grader,
@@ -164,13 +195,17 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 label=f"eval {name}",
             )
-            for name, records in datasets.items()
+            for name, fit in fitted.items()
         }
     summaries: dict[str, dict[str, Any]] = {}
     for name, result in results.items():
         rows_file = output.with_name(f"{output.stem}.{name}.jsonl")
         write_jsonl(rows_file, result.rows)
-        summaries[name] = {**result.summary(), "rows_file": rows_file.name}
+        summaries[name] = {
+            **result.summary(),
+            "skipped_overlong": len(fitted[name].skipped),
+            "rows_file": rows_file.name,
+        }
     write_json(
         output,
         {

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        help="optimizer steps (default: gvmrl.pretrain.DEFAULT_STEPS, calibrated)",
+        help="optimizer steps (default: gvmrl.builtin.pretrain.DEFAULT_STEPS, calibrated)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
     parser.add_argument(
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-lr-ratio",
         type=float,
-        help="the cosine decays to this share of --lr (default: gvmrl.pretrain.MIN_LR_RATIO; "
+        help="the cosine decays to this share of --lr (default: gvmrl.builtin.pretrain.MIN_LR_RATIO; "
         "0 anneals fully, which leaves a poor warm start for RL, see BENCHMARKS.md)",
     )
     parser.add_argument(
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gvmrl.io import InputError
-    from gvmrl.models import BUILTIN_VERSION, cache_root
-    from gvmrl.pretrain import DEFAULT_STEPS, MIN_LR_RATIO, pretrain
+    from gvmrl.builtin.model import BUILTIN_VERSION, cache_root
+    from gvmrl.builtin.pretrain import DEFAULT_STEPS, MIN_LR_RATIO, pretrain
 
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     for flag, value in (("--steps", steps), ("--batch-size", args.batch_size)):

@@ -1,17 +1,19 @@
 """`gvmrl score`: grade a JSONL file of responses against reference answers.
 
-Each output row is the input row plus `score` (1.0 or 0.0) and `pred` (the extracted final
-answer, or null). Every row is validated before any grading, and the output is written
-atomically, so bad input leaves no output file.
+Each output row is the input row plus `score` (1.0 or 0.0), `pred` (the extracted final
+answer, or null) and `reason` (match, mismatch, no_answer, timeout or error: a comparison that
+ran out of time scores 0 but is not a wrong answer). Every row is validated before any
+grading, and the output is written atomically, so bad input leaves no output file.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
-from gvmrl.io import InputError, read_jsonl, write_jsonl
+from gvmrl.io import InputError, check_output_path, read_jsonl, write_jsonl
 
 # Rows sent to the grader at a time: small enough for a live progress bar, large enough to
 # keep every worker busy.
@@ -27,14 +29,16 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_seconds(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="JSONL, a response and an answer per row")
-    parser.add_argument("--output", required=True, help="JSONL: input rows plus `score`, `pred`")
+    parser.add_argument(
+        "--output", required=True, help="JSONL: input rows plus `score`, `pred`, `reason`"
+    )
     parser.add_argument("--response-field", default="response", help="field of the response")
     parser.add_argument(
         "--answer-field", default="answer", help="field of the reference: string, number or list"
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from gvmrl.progress import Progress
     from gvmrl.verify import Grader
 
+    check_output_path(args.output)
     rows = _read_rows(args.input, args.response_field, args.answer_field)
     graded = []
     with Grader(workers=args.workers, timeout=args.timeout) as grader, Progress() as progress:
@@ -81,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
             chunk = rows[start : start + _CHUNK_ROWS]
             responses = [row[args.response_field] for row in chunk]
             grades = grader.grade_many(responses, [row[args.answer_field] for row in chunk])
-            graded += [{**row, "score": g.score, "pred": g.pred} for row, g in zip(chunk, grades)]
+            graded += [
+                {**row, "score": g.score, "pred": g.pred, "reason": g.reason}
+                for row, g in zip(chunk, grades)
+            ]
             progress.advance(task, len(chunk))
         progress.end(task)
     write_jsonl(args.output, graded)

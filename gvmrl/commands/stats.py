@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from gvmrl.io import InputError, read_jsonl, write_jsonl
+from gvmrl.io import InputError, check_output_path, read_jsonl, write_jsonl
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=16, help="sequences per gradient-norm pass"
     )
     parser.add_argument(
-        "--accept-threshold", type=float, default=0.5, help="accepted when score >= this"
+        "--accept-threshold",
+        type=float,
+        help="accepted when score >= this (default: gvmrl.records.ACCEPT_THRESHOLD, 0.5)",
     )
     instruction = parser.add_mutually_exclusive_group()
     instruction.add_argument(
@@ -107,36 +109,34 @@ def _parse_params(text: str) -> str | list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_path(args.output)
     samples = read_scored(args.completions)
     params = _parse_params(args.params)
     if args.batch_size < 1:
         raise InputError("--batch-size", None, f"must be >= 1, got {args.batch_size}")
 
-    import torch
-
     from gvmrl.data import format_prompt
     from gvmrl.estimation import prompt_stats, resolve_parameter_group, sequence_grad_norms
-    from gvmrl.models import default_instruction, load_model_and_tokenizer
+    from gvmrl.models import load_model_and_tokenizer
+    from gvmrl.records import ACCEPT_THRESHOLD, is_accepted
+    from gvmrl.runtime import AUTO, instruction_for, resolve_device, resolve_dtype
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = (
-        args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    )
+    device = resolve_device(args.device or AUTO)
     model, tokenizer = load_model_and_tokenizer(
-        args.model, device=device, dtype=getattr(torch, dtype_name)
+        args.model, device=device, dtype=resolve_dtype(args.dtype, device)
     )
     try:
         resolve_parameter_group(model, params)
     except ValueError as e:
         raise InputError("--params", None, str(e)) from None
-    if args.no_instruction:
-        instruction = None
-    elif args.instruction is not None:
-        instruction = args.instruction
-    else:
-        instruction = default_instruction(model)
+    instruction = (
+        None
+        if args.no_instruction
+        else instruction_for(model, AUTO if args.instruction is None else args.instruction)
+    )
 
-    accepted = [i for i, s in enumerate(samples) if s.score >= args.accept_threshold]
+    threshold = ACCEPT_THRESHOLD if args.accept_threshold is None else args.accept_threshold
+    accepted = [i for i, ok in enumerate(is_accepted([s.score for s in samples], threshold)) if ok]
     prompt_ids: dict[str, list[int]] = {}
     for i in accepted:
         text = samples[i].prompt
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         [s.prompt_id for s in samples],
         [s.score for s in samples],
         grad_norms,
-        accept_threshold=args.accept_threshold,
+        accept_threshold=threshold,
     )
     write_jsonl(args.output, stats.rows())
     print(

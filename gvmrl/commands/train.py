@@ -19,26 +19,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-dir", required=True, help="run directory; an existing checkpoint there is resumed"
     )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: delete the run's checkpoints, final weights and metrics first (without "
+        "it, a directory with metrics but no usable checkpoint is refused)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from gvmrl.config import ConfigError, load_config
+    from gvmrl.checkpoint import clear_run
+    from gvmrl.config import load_config
+    from gvmrl.io import check_output_dir
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"gvmrl train: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)  # ConfigError: one line, exit 2 (gvmrl.cli)
+    check_output_dir(args.output_dir)
+    if args.restart:
+        clear_run(args.output_dir)
 
     from gvmrl.train import train
 
-    try:
-        metrics = train(config, args.output_dir)
-    except ConfigError as e:
-        print(f"gvmrl train: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"finished iteration {metrics.get('iteration', 0)}; outputs in {args.output_dir}",
-        file=sys.stderr,
-    )
+    metrics = train(config, args.output_dir)
+    if "iteration" in metrics:
+        done = f"finished iteration {metrics['iteration']}"
+    else:  # nothing was left to train
+        done = f"nothing to train: the run already finished its {config.iterations} iterations"
+    print(f"{done}; outputs in {args.output_dir}", file=sys.stderr)
     return 0

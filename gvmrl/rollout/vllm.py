@@ -1,12 +1,23 @@
-"""Rollouts with vLLM (optional extra: `pip install gvmrl[vllm]`), targeting vllm 0.33 (V1 engine).
+"""Rollouts with vLLM (optional extra: `pip install -c constraints/vllm.txt 'gvmrl[vllm]'`),
+targeting vllm 0.32-0.33 (V1 engine).
 
 The engine is colocated with the trainer in the same process and GPU: vLLM keeps its own copy
-of the weights, and `sync_weights` copies the training model's state dict into it through
-`LLM.apply_model` (public since vLLM 0.9; it runs a function on the model inside each worker,
-here `model.load_weights(...)`, the loader vLLM uses for checkpoints), then drops the prefix
-cache, whose entries were computed with the old weights. `VLLM_ENABLE_V1_MULTIPROCESSING=0` is
-set (unless the user set it) so the worker lives in this process and the weights are handed
-over without serialisation, as TRL's colocate mode does.
+of the weights, in the compute dtype (bfloat16, given explicitly: the trainer's master weights
+are float32), and weights are copied from the training model through `LLM.apply_model`
+(public since vLLM 0.9; it runs a function on the model inside each worker, here
+`model.load_weights(...)`, the loader vLLM uses for checkpoints), then the prefix cache is
+dropped, its entries computed with the old weights. `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set
+(unless the user set it) so the worker lives in this process and the weights are handed over
+without serialisation, as TRL's colocate mode does.
+
+Sleep mode (`rollout.vllm.enable_sleep_mode`, on by default): vLLM would otherwise hold
+`gpu_memory_utilization` of the GPU for the whole run, update included. After each `generate`
+the engine calls `LLM.sleep(level=...)` (level 1 offloads the weights to CPU RAM, level 2
+drops them; the KV cache is dropped either way). Before the next `generate` it wakes the
+weights only (`LLM.wake_up(tags=["weights"])`), reloads them from the model last given to
+`sync_weights` (at level 2 their memory holds garbage; at level 1 they are a copy from before
+the update), then wakes the KV cache (`tags=["kv_cache"]`), so the weights and the KV cache are
+never both being allocated while the update's tensors are still around, as TRL does.
 
 Log-probs: the engine is created with `logprobs_mode="processed_logprobs"` (vLLM >= 0.10.2), so
 the returned log-probs are those of the distribution after temperature and top-p, the one the
@@ -16,18 +27,91 @@ Seeding: prompt i samples with seed + i (its n samples then differ from each oth
 prompts at different indices get different samples). vLLM is not bit-reproducible across batch
 compositions on a GPU; equal requests with a seed give equal samples in practice.
 
-No test of this module runs without CUDA and vllm (tests/test_rollout.py skips it).
+Without CUDA and vllm this module is tested against a stand-in `vllm` module
+(tests/test_vllm_engine.py) that records the calls; tests/test_rollout.py runs the real engine
+where both exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gvmrl.rollout.base import Sample, SamplingParams, check_request, eos_token_ids
+
+if TYPE_CHECKING:
+    from gvmrl.config import TrainConfig
+
+INSTALL_HINT = "install the extra: pip install -c constraints/vllm.txt 'gvmrl[vllm]'"
+# vllm.LLM arguments gvmrl sets from its own config keys; `rollout.vllm.options` may not set them.
+MANAGED_OPTIONS = {
+    "model": "model",
+    "dtype": "compute_dtype",
+    "seed": "seed",
+    "gpu_memory_utilization": "rollout.gpu_memory_utilization",
+    "logprobs_mode": "(fixed: processed_logprobs, the sampler's log-probs)",
+    "max_num_seqs": "rollout.vllm.max_num_seqs",
+    "max_model_len": "rollout.vllm.max_model_len",
+    "enforce_eager": "rollout.vllm.enforce_eager",
+    "enable_prefix_caching": "rollout.vllm.enable_prefix_caching",
+    "enable_sleep_mode": "rollout.vllm.enable_sleep_mode",
+}
+
+
+def llm_option_names() -> set[str]:
+    """Every keyword `vllm.LLM` accepts: its own parameters and the `vllm.EngineArgs` fields it
+    forwards. Raises ImportError naming the extra when vllm is not installed."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"rollout.engine: vllm is not installed; {INSTALL_HINT}") from e
+    names = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+    names.update(
+        name
+        for name, p in inspect.signature(vllm.LLM.__init__).parameters.items()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self"
+    )
+    return names
+
+
+def check_llm_options(options: Mapping[str, Any]) -> None:
+    """Fail before any weights load on a `rollout.vllm.options` key vLLM does not know, or one
+    gvmrl sets itself, naming the key (ValueError); ImportError when vllm is missing."""
+    known = llm_option_names()
+    for key in options:
+        if key in MANAGED_OPTIONS:
+            raise ValueError(
+                f"rollout.vllm.options.{key}: set by gvmrl; use {MANAGED_OPTIONS[key]} instead"
+            )
+        if key not in known:
+            raise ValueError(
+                f"rollout.vllm.options.{key}: not a vllm.LLM / vllm.EngineArgs option "
+                f"of the installed vllm"
+            )
+
+
+def engine_options(config: TrainConfig) -> dict[str, Any]:
+    """`make_engine("vllm", ...)` keyword arguments from a run's config."""
+    from gvmrl.precision import resolve_precision
+
+    v = config.rollout.vllm
+    precision = resolve_precision(config.dtype, config.compute_dtype, "cuda")
+    return {
+        "dtype": precision.rollout_dtype,
+        "seed": config.seed,
+        "gpu_memory_utilization": config.rollout.gpu_memory_utilization,
+        "max_batch_sequences": v.max_num_seqs,
+        "max_model_len": v.max_model_len,
+        "enforce_eager": v.enforce_eager,
+        "enable_prefix_caching": v.enable_prefix_caching,
+        "sleep_level": v.sleep_level if v.enable_sleep_mode else None,
+        **v.options,
+    }
 
 
 class VLLMEngine:
@@ -38,10 +122,13 @@ class VLLMEngine:
         tokenizer: its tokenizer (prompts are encoded without adding special tokens).
         model_path: checkpoint directory or hub id vLLM reads the architecture from (default:
             `model.config._name_or_path`); its weights are replaced by `model`'s.
+        dtype: vLLM's weight and compute dtype ("bfloat16"; the trainer's compute dtype).
         max_batch_sequences: vLLM's `max_num_seqs`.
-        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache); leave
-            room for the training model, its gradients and optimizer state.
-        llm_options: further `vllm.LLM` arguments (e.g. `max_model_len`, `enforce_eager`).
+        gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache) while
+            awake; leave room for the training model, its gradients and optimizer state.
+        sleep_level: 1 or 2 to sleep after every `generate` (module docstring); None: never.
+        max_model_len, enforce_eager, enable_prefix_caching, seed: `vllm.LLM` arguments.
+        llm_options: further `vllm.LLM` arguments, checked by `check_llm_options` first.
     """
 
     def __init__(
@@ -50,34 +137,52 @@ class VLLMEngine:
         tokenizer: Any,
         *,
         model_path: str | None = None,
+        dtype: str = "bfloat16",
         max_batch_sequences: int = 256,
         gpu_memory_utilization: float = 0.4,
+        sleep_level: int | None = 2,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
         **llm_options: Any,
     ):
+        if sleep_level not in (None, 1, 2):
+            raise ValueError(f"sleep_level must be 1, 2 or None, got {sleep_level}")
+        check_llm_options(llm_options)  # before vLLM allocates anything
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise ImportError("the vllm engine needs the extra: pip install 'gvmrl[vllm]'") from e
+        from vllm import LLM
 
         self.tokenizer = tokenizer
         self.eos_ids = sorted(eos_token_ids(model, tokenizer))
+        self.sleep_level = sleep_level
         self.llm = LLM(
             model=model_path or model.config._name_or_path,
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            dtype=dtype,
+            seed=seed,
             max_num_seqs=max_batch_sequences,
+            max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_sleep_mode=sleep_level is not None,
             logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
             **llm_options,
         )
-        self.sync_weights(model)
+        self._asleep = False
+        self._source = model  # the model whose weights vLLM must hold when it samples
+        self._stale = False  # sync_weights was called while asleep: reload on wake-up
+        self._load_weights()
+        self._sleep()
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy `model`'s current weights into the vLLM engine."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
-        self.llm.reset_prefix_cache()
+        """Make vLLM sample from `model`'s current weights: copied now when awake, on wake-up
+        (right before the next `generate`) when asleep."""
+        self._source = model
+        if self._asleep:
+            self._stale = True
+        else:
+            self._load_weights()
 
     def generate(
         self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
@@ -91,25 +196,29 @@ class VLLMEngine:
         prompt_ids = {
             i: self.tokenizer.encode(prompts[i], add_special_tokens=False) for i in requested
         }
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in requested],
-            [
-                VLLMSamplingParams(
-                    n=num_samples[i],
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    max_tokens=params.max_new_tokens,
-                    stop=list(params.stop),
-                    stop_token_ids=self.eos_ids,
-                    include_stop_str_in_output=True,  # text ends with the stop string, as in HF
-                    skip_special_tokens=True,
-                    seed=None if params.seed is None else params.seed + i,
-                    logprobs=0,  # the sampled token's log-prob only
-                )
-                for i in requested
-            ],
-            use_tqdm=False,
-        )
+        self._wake()
+        try:
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in requested],
+                [
+                    VLLMSamplingParams(
+                        n=num_samples[i],
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        max_tokens=params.max_new_tokens,
+                        stop=list(params.stop),
+                        stop_token_ids=self.eos_ids,
+                        include_stop_str_in_output=True,  # text ends with the stop string, as HF
+                        skip_special_tokens=True,
+                        seed=None if params.seed is None else params.seed + i,
+                        logprobs=0,  # the sampled token's log-prob only
+                    )
+                    for i in requested
+                ],
+                use_tqdm=False,
+            )
+        finally:
+            self._sleep()
         samples = []
         for i, output in zip(requested, outputs):
             for completion in sorted(output.outputs, key=lambda c: c.index):
@@ -126,3 +235,27 @@ class VLLMEngine:
                     )
                 )
         return samples
+
+    def _load_weights(self, *, reset_cache: bool = True) -> None:
+        # state_dict tensors are views of the parameters (no copy); vLLM's loaders cast them to
+        # its dtype as they copy into its (fused) parameters.
+        weights = [(name, tensor.detach()) for name, tensor in self._source.state_dict().items()]
+        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        self._stale = False
+        if reset_cache:  # its entries were computed with the old weights
+            self.llm.reset_prefix_cache()
+
+    def _sleep(self) -> None:
+        if self.sleep_level is not None and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if not self._asleep:
+            return
+        self.llm.wake_up(tags=["weights"])
+        self._asleep = False
+        if self._stale or self.sleep_level == 2:  # level 2 kept no weights at all
+            self._load_weights(reset_cache=False)  # the KV cache is still asleep
+        self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()

@@ -10,7 +10,7 @@ Why this task: a character-level model of ~1M parameters learns it in a few CPU 
 number of steps is a difficulty knob (per-prompt accept rates spread from ~0 to ~1, which is what
 makes sample allocation matter), and answers are integers that the verifier grades exactly.
 Every intermediate value stays in 0..99 and multiplication is used only while the running value
-is a one-digit number (times-table facts), which keeps the task learnable quickly (CALIBRATION.md).
+is a one-digit number (times-table facts), which keeps the task learnable quickly.
 Everything is deterministic from seeds; the train and test splits of a difficulty are disjoint.
 """
 
@@ -22,7 +22,7 @@ import string
 import zlib
 from dataclasses import dataclass
 
-from gvmrl.data import PromptRecord
+from gvmrl.records import PromptRecord
 
 MAX_VALUE = 99  # every intermediate value lies in 0..MAX_VALUE
 SPLIT_SIZES = {"train": 20_000, "test": 512}

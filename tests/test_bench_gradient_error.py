@@ -1,12 +1,22 @@
-"""The M-step error model against direct sums, simulation and exhaustive search."""
+"""bench/gradient_error.py: the M-step error model against direct sums, simulation and
+exhaustive search."""
+
+from __future__ import annotations
 
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gvmrl.variance import accepted_mean_error, best_sizes, inverse_binomial_moment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gradient_error import (  # noqa: E402  (bench/ is a directory of scripts, not a package)
+    accepted_mean_error,
+    best_sizes,
+    inverse_binomial_moment,
+)
 
 
 def _direct_inverse_moment(n: int, p: float) -> float:

@@ -1,81 +1,62 @@
-"""Supervised warm start of the built-in tiny model on the built-in task.
+"""Supervised warm start of the built-in tiny model on the built-in task, and its cache.
 
 RL needs a policy that already solves some prompts: with accept rate 0 everywhere there is no
 signal, with 1 everywhere nothing to learn. A short supervised run on worked solutions puts the
 built-in model in between (640 steps of batch 32 gave 41% accuracy at T=1.0 on the test split,
 84% of prompts neither always nor never solved), which is where GVM allocation matters.
 
-Recipe: random Qwen2 init, AdamW, linear warm-up then cosine decay, gradient clipping at 1.0,
-cross-entropy on the solution tokens only (the prompt is given, not learned), each batch sorted
-by length into micro-batches of at most `micro_batch_size` sequences padded only to their own
-longest sequence (less padding: on 2 CPU cores ~1.5x faster than one padded batch).
+Recipe: random Qwen2 init, AdamW, the warm-up + cosine schedule of `gvmrl.schedule` decaying to a
+floor, gradient clipping at 1.0, and the RAFT loss (negative log-likelihood) on the solution
+tokens only (the prompt is given, not learned), averaged over all solution tokens of the batch.
+Batches are packed by `gvmrl.batching`; each batch is sorted by length into micro-batches of at
+most `micro_batch_size` sequences padded only to their own longest sequence (less padding: on 2
+CPU cores ~1.5x faster than one padded batch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import fcntl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from gvmrl.batching import micro_batches, pack_sequences, token_logprobs
+from gvmrl.builtin.model import (
+    BUILTIN_VERSION,
+    builtin_model_config,
+    builtin_tokenizer,
+    cache_root,
+)
+from gvmrl.builtin.task import TaskProblem, builtin_problems
 from gvmrl.data import format_prompt
-from gvmrl.io import atomic_directory, write_json
-from gvmrl.models import builtin_model_config, builtin_tokenizer
+from gvmrl.io import atomic_directory, recover_directory, write_json
+from gvmrl.losses import aggregate, raft_loss, token_weights
 from gvmrl.progress import Progress
-from gvmrl.task import builtin_problems
+from gvmrl.schedule import lr_scheduler
 
 DEFAULT_STEPS = 640  # 54% held-out accuracy at T=1 (41% if annealed to lr 0; BENCHMARKS.md)
-MIN_LR_RATIO = 0.1  # the learning rate decays to this share of its peak, not to 0
-IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
+# The learning rate decays to this share of its peak, not to 0. Why a floor: the checkpoint is a
+# warm start for RL, not a final model. Annealed to 0, the built-in model (41% accuracy after 640
+# steps) sat in a sharp basin: later updates at lr 1e-4, even supervised steps on the reference
+# solutions, lowered its accuracy. With the floor the same 640 steps give 54%, and supervised or
+# RAFT++ steps at lr 1e-4 raise it (bench/controls.py, BENCHMARKS.md).
+MIN_LR_RATIO = 0.1
+
+Example = tuple[list[int], list[int]]  # (prompt ids, solution ids + end token)
 
 
-def encode_examples(tokenizer, problems) -> list[tuple[list[int], int]]:
-    """Token ids of `prompt + solution + <|end|>` and the prompt length, per problem.
-
-    The prompt is the chat-formatted problem without instruction (see gvmrl.models); the end
-    token is part of the target so the model learns to stop.
-    """
+def encode_examples(tokenizer, problems: Sequence[TaskProblem]) -> list[Example]:
+    """(prompt ids, target ids) per problem: the prompt is the chat-formatted problem without
+    instruction (see gvmrl.builtin.model), the target the solution followed by the end token, so
+    the model learns to stop."""
     prompts = [format_prompt(tokenizer, p.problem, None) for p in problems]
     targets = [p.solution + tokenizer.eos_token for p in problems]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    return [(p + t, len(p)) for p, t in zip(prompt_ids, target_ids, strict=True)]
-
-
-def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; labels are the ids on solution tokens, IGNORE elsewhere.
-
-    Returns input_ids, attention_mask and labels, each (n, T) with T the longest length.
-    """
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (n, T)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (ids, prompt_len) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def learning_rate(
-    step: int, total: int, peak: float, warmup: int, floor: float = MIN_LR_RATIO
-) -> float:
-    """Linear warm-up over `warmup` steps to `peak`, then cosine decay to `floor * peak` at `total`.
-
-    Why a floor rather than decay to 0: the checkpoint is a warm start for RL, not a final model.
-    Annealed to 0, the built-in model (41% accuracy after 640 steps) sat in a sharp basin: later
-    updates at lr 1e-4, even supervised steps on the reference solutions, lowered its accuracy.
-    With the floor the same 640 steps give 54%, and supervised or RAFT++ steps at lr 1e-4 raise
-    it (bench/controls.py, BENCHMARKS.md).
-    """
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return list(zip(prompt_ids, target_ids, strict=True))
 
 
 def _batches(n_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
@@ -86,34 +67,24 @@ def _batches(n_examples: int, batch_size: int, generator: torch.Generator) -> It
             yield order[start : start + batch_size]
 
 
-def _optimizer_step(
-    model,
-    optimizer: torch.optim.Optimizer,
-    batch: list[tuple[list[int], int]],
-    pad_id: int,
-    micro_batch_size: int,
+def accumulate_gradients(
+    model, batch: list[Example], pad_id: int, micro_batch_size: int
 ) -> tuple[float, int]:
-    """One clipped AdamW step on the mean cross-entropy over all solution tokens of `batch`.
-
-    Returns (loss, number of target tokens).
-    """
-    n_targets = sum(len(ids) - prompt_len for ids, prompt_len in batch)
+    """Gradient of the mean negative log-likelihood over all target tokens of `batch`,
+    accumulated over micro-batches. Returns (loss, number of target tokens)."""
     # Sorted by length, each micro-batch pads only to similar lengths: ~1.5x faster on CPU
     # than one padded batch of 32, and the same gradient since the loss is a sum over tokens.
-    batch = sorted(batch, key=lambda example: len(example[0]))
+    batch = sorted(batch, key=lambda example: len(example[0]) + len(example[1]))
+    packed = pack_sequences([p for p, _ in batch], [t for _, t in batch], pad_id)
+    weights = token_weights(packed.response_mask, "token-mean")  # 1 / (target tokens of the batch)
     total_loss = 0.0
-    for start in range(0, len(batch), micro_batch_size):
-        micro = collate(batch[start : start + micro_batch_size], pad_id)
-        micro_targets = int((micro["labels"][:, 1:] != IGNORE_INDEX).sum())
-        # HF returns the mean over this micro-batch's targets; re-weight so the accumulated
-        # gradient is that of the mean over the whole batch's targets.
-        loss = model(**micro).loss * (micro_targets / n_targets)
+    for rows, micro in micro_batches(packed, micro_batch_size):
+        logprobs = token_logprobs(model, micro)
+        width = micro.input_ids.shape[1]
+        loss = aggregate(raft_loss(logprobs, micro.response_mask), weights[rows, :width])
         loss.backward()
         total_loss += loss.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss, n_targets
+    return total_loss, int(packed.response_mask.sum())
 
 
 def pretrain(
@@ -153,6 +124,9 @@ def pretrain(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
     )
+    scheduler = lr_scheduler(
+        optimizer, warmup_steps=min(warmup_steps, steps), total_steps=steps, floor=min_lr_ratio
+    )
     model.train()
     losses: list[float] = []
     trained_tokens = 0
@@ -164,17 +138,13 @@ def pretrain(
         phase = display.phase("pretrain", total=steps) if display else None
         started = time.perf_counter()
         for step, indices in zip(range(steps), _batches(len(examples), batch_size, generator)):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(
-                    step, steps, lr, min(warmup_steps, steps), floor=min_lr_ratio
-                )
-            loss, n_targets = _optimizer_step(
-                model,
-                optimizer,
-                [examples[i] for i in indices],
-                tokenizer.pad_token_id,
-                micro_batch_size,
+            loss, n_targets = accumulate_gradients(
+                model, [examples[i] for i in indices], tokenizer.pad_token_id, micro_batch_size
             )
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             trained_tokens += n_targets
             if display:
@@ -204,3 +174,30 @@ def pretrain(
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "pretrain.json", metrics)
     return metrics
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+
+
+def builtin_checkpoint(*, build: bool = True, progress: bool = True) -> Path:
+    """The cached built-in checkpoint directory, pretraining it on first use (a few CPU minutes).
+
+    Built by `pretrain` into a temporary directory renamed into place, under a file lock, so
+    concurrent callers wait for one build instead of racing. `build=False` raises
+    FileNotFoundError instead of building.
+    """
+    path = cache_root() / BUILTIN_VERSION
+    recover_directory(path)
+    if _is_checkpoint(path):
+        return path
+    if not build:
+        raise FileNotFoundError(
+            f"{path}: no built-in checkpoint; run `gvmrl pretrain --output {path}`"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{BUILTIN_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not _is_checkpoint(path):  # another process may have built it while we waited
+            pretrain(path, progress=progress)
+    return path

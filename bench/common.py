@@ -1,0 +1,39 @@
+"""Settings shared by the bench scripts: the arms of the convergence benchmark (the package's named
+arms, `gvmrl.experiments.ARMS`, under the names BENCHMARKS.md uses), the built-in tasks, and the
+overrides that keep bench runs quiet.
+
+Bench scripts run as `python bench/NAME.py`, so they import this module as `common`.
+"""
+
+from __future__ import annotations
+
+from gvmrl.experiments import ARMS
+
+# bench name -> package arm; every GVM arm's budget is fixed at 8 x prompts (`arm_overrides`)
+BENCH_ARMS = {
+    "uniform-n": "uniform",
+    "uniform-2n": "uniform-2n",
+    "gvm": "gvm",
+    "gvm-reuse": "gvm-reuse",
+    "gvm-incl-2": "gvm-incl-2",
+    "gvm-incl-4": "gvm-incl-4",
+}
+# task -> (training prompts, held-out prompts)
+TASKS = {
+    "builtin": ("builtin:train", "builtin:test"),
+    "builtin-hard": ("builtin-hard:train", "builtin-hard:test"),
+}
+QUIET = ["logging.progress=false", "logging.tensorboard=false"]
+
+
+def is_gvm(arm: str) -> bool:
+    return "allocation=gvm" in ARMS[BENCH_ARMS[arm]]
+
+
+def arm_overrides(arm: str, prompts: int) -> list[str]:
+    """The overrides of a bench arm: n = 8 samples per prompt for uniform-n, and a budget of
+    8 x prompts for the GVM arms, as uniform-n generates."""
+    overrides = list(ARMS[BENCH_ARMS[arm]])
+    if is_gvm(arm):
+        overrides.append(f"gvm.budget={8 * prompts}")
+    return overrides

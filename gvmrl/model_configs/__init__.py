@@ -1,0 +1,1 @@
+"""Architecture configs (config.json shapes) of the paper's models, for `gvmrl plan` offline."""

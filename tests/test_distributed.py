@@ -1,0 +1,214 @@
+"""Multi-process training layer (gvmrl.distributed) on CPU with gloo: 2 torchrun processes
+against one process, sharded checkpoints, failure of a rank; single-process pieces too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gvmrl.batching import pack_sequences, token_logprobs
+from gvmrl.distributed.checkpoint import load_sharded_checkpoint
+from gvmrl.distributed.context import init_process_context, launch_environment
+from gvmrl.distributed.reduction import (
+    gather_rows,
+    pad_to_common_count,
+    padding_batch,
+    row_token_weights,
+)
+from gvmrl.losses import AGGREGATION_MODES, token_weights
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+SINGLE = init_process_context("cpu", environ={})  # world size 1, no process group
+
+
+def torchrun(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the worker on 2 CPU processes; (result, wall seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    start = time.perf_counter()
+    result = subprocess.run(
+        [*command, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return result, time.perf_counter() - start
+
+
+def make_inputs(root: Path) -> tuple[Path, dict]:
+    """A random tiny policy of the built-in architecture, and a global batch whose dealing gives
+    rank 0 two rows and rank 1 six (one micro-batch against three: rank 0 pads two)."""
+    from transformers import AutoModelForCausalLM
+
+    from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = builtin_tokenizer()
+    model = AutoModelForCausalLM.from_config(builtin_model_config(tokenizer))
+    init = root / "init"
+    model.save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    rng = np.random.default_rng(0)
+    group = np.array([0, 0, 0, 1, 1, 2, 2, 3])
+    responses = [rng.integers(6, len(tokenizer), rng.integers(3, 13)).tolist() for _ in group]
+    batch = {
+        "prompts": [rng.integers(6, len(tokenizer), rng.integers(4, 11)).tolist() for _ in group],
+        "responses": responses,
+        "group": group,
+        "response_lengths": np.array([len(r) for r in responses]),
+        "expected_tokens": np.array([100.0, 10.0, 10.0, 10.0]),
+        "pad_id": tokenizer.pad_token_id,
+        "table": rng.normal(size=(7, 3)),
+    }
+    torch.save(batch, root / "batch.pt")
+    return init, batch
+
+
+def reference_steps(init: Path, batch: dict, model=None, optimizer=None, steps: int = 3):
+    """One process, no sharding, the whole batch in one forward: (model, grad norms)."""
+    from transformers import AutoModelForCausalLM
+
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(init)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=worker.LR)
+    packed = pack_sequences(batch["prompts"], batch["responses"], batch["pad_id"])
+    group = torch.as_tensor(batch["group"])
+    weights = token_weights(packed.response_mask, worker.AGGREGATION, group)
+    norms = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        (-(token_logprobs(model, packed) * weights)).sum().backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), worker.CLIP)))
+        optimizer.step()
+    return model, norms
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    init, batch = make_inputs(root)
+    result, _ = torchrun("train", str(init), str(root / "batch.pt"), str(root / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return init, batch, root / "out", torch.load(root / "out" / "result.pt", weights_only=False)
+
+
+def max_abs_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_two_process_fsdp_matches_one_process(two_process_run):
+    init, batch, _, result = two_process_run
+    reference, norms = reference_steps(init, batch)
+    assert min(norms) > worker.CLIP  # clipping acts, so the global norm matters
+    assert np.allclose(result["norms"], norms, rtol=1e-5, atol=0)  # summed, not averaged
+    assert max_abs_difference(result["weights"], reference.state_dict()) < 1e-5
+    initial = reference_steps(init, batch, steps=0)[0].state_dict()
+    assert max_abs_difference(result["weights"], initial) > 1e-4  # they moved: 3 steps of 1e-4
+
+
+def test_gather_rows_gives_every_rank_the_whole_table(two_process_run):
+    _, batch, _, result = two_process_run
+    assert np.array_equal(result["gathered"], batch["table"])
+
+
+def test_sharded_checkpoint_resumes_exactly(two_process_run):
+    init, batch, out, result = two_process_run
+    assert result["state"] == {"iteration": 2}
+    assert result["resumed_norm"] == result["norms"][2]
+    assert max_abs_difference(result["resumed"], result["weights"]) == 0.0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["latest"]  # no temporary left
+
+
+def test_sharded_checkpoint_resumes_in_one_process(two_process_run):
+    """DCP reshards: the 2-rank checkpoint loads into a plain model and optimizer."""
+    from transformers import AutoModelForCausalLM
+
+    init, batch, out, result = two_process_run
+    model = AutoModelForCausalLM.from_pretrained(init)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=worker.LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    latest = out / "checkpoints" / "latest"
+    load_sharded_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, rank=0)
+    assert scheduler.last_epoch == 2
+    model, norms = reference_steps(init, batch, model, optimizer, steps=1)
+    assert norms[0] == pytest.approx(result["norms"][2], rel=1e-5)
+    assert max_abs_difference(model.state_dict(), result["weights"]) < 1e-5
+
+
+def test_final_checkpoint_is_plain_hugging_face(two_process_run):
+    from transformers import AutoModelForCausalLM
+
+    _, _, out, result = two_process_run
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert max_abs_difference(final.state_dict(), result["weights"]) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_failed_rank_ends_the_job_non_zero_within_60s(mode):
+    """kill: rank 1 is SIGKILLed; hang: rank 1 stops calling collectives while alive, so only
+    the process group's timeout (5 s here) can end rank 0's wait."""
+    result, seconds = torchrun(mode, timeout=120)
+    assert result.returncode != 0
+    assert seconds < 60, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-process pieces
+
+
+def test_launch_environment():
+    assert launch_environment({}) is None
+    assert launch_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (1, 4, 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        launch_environment({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="inconsistent"):
+        launch_environment({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_no_launcher_means_one_process_without_group():
+    assert (SINGLE.rank, SINGLE.world_size, SINGLE.grouped) == (0, 1, False)
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+def test_row_token_weights_equal_token_weights_of_the_whole_batch(mode):
+    rng = np.random.default_rng(1)
+    group = torch.tensor([3, 3, 5, 7, 7, 7, 9])
+    prompts = [rng.integers(1, 50, rng.integers(1, 6)).tolist() for _ in group]
+    responses = [rng.integers(1, 50, n).tolist() for n in (4, 0, 7, 1, 9, 3, 0)]
+    packed = pack_sequences(prompts, responses, 0, padding_side="left")
+    expected = token_weights(packed.response_mask, mode, group)
+    rows = row_token_weights([len(r) for r in responses], mode, group)
+    assert torch.equal(packed.response_mask * rows[:, None], expected)
+
+
+def test_gather_rows_rejects_a_row_given_twice_or_missing():
+    table = gather_rows([2, 0, 1], [[1.0], [2.0], [np.nan]], 3, SINGLE)
+    assert table[0, 0] == 2.0 and table[2, 0] == 1.0 and np.isnan(table[1, 0])
+    with pytest.raises(ValueError, match="row 0 is given by 2"):
+        gather_rows([0, 0, 1], np.ones((3, 1)), 2, SINGLE)
+    with pytest.raises(ValueError, match="row 1 is given by 0"):
+        gather_rows([0], np.ones((1, 1)), 2, SINGLE)
+
+
+def test_padding_batch_adds_nothing_to_the_gradient():
+    from transformers import AutoModelForCausalLM
+
+    from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
+
+    tokenizer = builtin_tokenizer()
+    model = AutoModelForCausalLM.from_config(builtin_model_config(tokenizer))
+    pad = padding_batch(tokenizer.pad_token_id)
+    assert pad_to_common_count([], lambda: pad, SINGLE) == []  # one rank: nothing to match
+    logp = token_logprobs(model, pad)
+    (logp * pad.response_mask).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # every parameter reached, all 0

@@ -1,0 +1,224 @@
+"""The vLLM engine's options, sleep mode and weight reloads, against a stand-in `vllm` module.
+
+No vllm (nor CUDA) here: a fake module in sys.modules records every call the engine makes to
+`vllm.LLM`, so the tests assert what is passed and in which order; tests/test_rollout.py runs
+the real engine where vllm and a GPU exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+from test_rollout import tiny_model
+
+from gvmrl.builtin.model import builtin_tokenizer
+from gvmrl.config import ConfigError, load_config
+from gvmrl.rollout import SamplingParams, make_engine
+
+
+@dataclasses.dataclass
+class FakeEngineArgs:
+    """A few real `vllm.EngineArgs` fields (names as in vLLM 0.33)."""
+
+    model: str = ""
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    enable_prefix_caching: bool | None = None
+    enable_sleep_mode: bool = False
+    logprobs_mode: str = "raw_logprobs"
+    kv_cache_dtype: str = "auto"
+    swap_space: float = 4
+
+
+class FakeLLM:
+    """Records calls; `generate` returns one completion per requested sample."""
+
+    instances: list[FakeLLM] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls: list[tuple] = []
+        self.loaded: list[dict[str, torch.Tensor]] = []
+        FakeLLM.instances.append(self)
+
+    def apply_model(self, func):
+        class Target:
+            def load_weights(inner, weights):  # noqa: N805
+                self.loaded.append({k: v.clone() for k, v in weights})
+
+        self.calls.append(("apply_model",))
+        return [func(Target())]
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags) if tags else None))
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append(("generate", len(prompts)))
+        outputs = []
+        for p in params:
+            completions = [
+                types.SimpleNamespace(
+                    index=k,
+                    token_ids=[10, 11],
+                    text="ab",
+                    logprobs=[
+                        {10: types.SimpleNamespace(logprob=-0.5)},
+                        {11: types.SimpleNamespace(logprob=-0.25)},
+                    ],
+                    finish_reason="stop",
+                )
+                for k in range(p.n)
+            ]
+            outputs.append(types.SimpleNamespace(outputs=completions))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.EngineArgs = FakeEngineArgs
+    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda **kw: kw
+    vllm.inputs = inputs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    FakeLLM.instances = []
+    return vllm
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tokenizer = builtin_tokenizer()
+    return tiny_model(tokenizer), tokenizer  # the rollout tests' random 2-layer Qwen2
+
+
+def test_options_reach_llm_with_bf16_and_sleep_mode(fake_vllm, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    make_engine(
+        "vllm",
+        model,
+        tokenizer,
+        model_path="/ckpt",
+        max_model_len=4096,
+        enforce_eager=True,
+        sleep_level=1,
+        kv_cache_dtype="fp8",
+    )
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["dtype"] == "bfloat16"  # explicit, though the model here is float32
+    assert llm.kwargs["enable_sleep_mode"] is True
+    assert llm.kwargs["max_model_len"] == 4096
+    assert llm.kwargs["enforce_eager"] is True
+    assert llm.kwargs["kv_cache_dtype"] == "fp8"
+    assert llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    # weights loaded once at start, then asleep until the first rollout
+    assert llm.calls == [("apply_model",), ("reset_prefix_cache",), ("sleep", 1)]
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_after_each_rollout_and_weights_reloaded_after_wake_up(
+    fake_vllm, model_and_tokenizer, level
+):
+    model, tokenizer = model_and_tokenizer
+    engine = make_engine("vllm", model, tokenizer, model_path="/ckpt", sleep_level=level)
+    (llm,) = FakeLLM.instances
+    llm.calls.clear()
+    with torch.no_grad():  # the "update" changes a weight while vLLM sleeps
+        model.model.embed_tokens.weight[3, 0] += 1.0
+    engine.sync_weights(model)
+    assert llm.calls == []  # asleep: nothing is copied until the next rollout
+    samples = engine.generate(["ab", "c"], [2, 1], SamplingParams(seed=1))
+    assert [s.prompt_index for s in samples] == [0, 0, 1]
+    assert samples[0].logprobs == [-0.5, -0.25]
+    assert llm.calls == [
+        ("wake_up", ("weights",)),
+        ("apply_model",),  # weights reloaded before the KV cache comes back
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache",),
+        ("generate", 2),
+        ("sleep", level),
+    ]
+    torch.testing.assert_close(
+        llm.loaded[-1]["model.embed_tokens.weight"], model.model.embed_tokens.weight
+    )
+    # Level 2 drops the weights, so they are reloaded on wake-up even without a new sync; level 1
+    # keeps its copy and needs none.
+    llm.calls.clear()
+    engine.generate(["ab"], [1], SamplingParams(seed=1))
+    assert (("apply_model",) in llm.calls) == (level == 2)
+
+
+def test_without_sleep_mode_weights_sync_immediately(fake_vllm, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = make_engine("vllm", model, tokenizer, model_path="/ckpt", sleep_level=None)
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["enable_sleep_mode"] is False
+    llm.calls.clear()
+    engine.sync_weights(model)
+    engine.generate(["ab"], [1], SamplingParams())
+    assert llm.calls == [("apply_model",), ("reset_prefix_cache",), ("generate", 1)]
+
+
+def test_unknown_option_fails_before_llm_is_built(fake_vllm, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="max_num_seq:"):
+        make_engine("vllm", model, tokenizer, model_path="/ckpt", max_num_seq=8)
+    with pytest.raises(ValueError, match="rollout.vllm.options.logprobs_mode: set by gvmrl"):
+        make_engine("vllm", model, tokenizer, model_path="/ckpt", logprobs_mode="raw_logprobs")
+    assert FakeLLM.instances == []
+
+
+VLLM_RUN = ["rollout.engine=vllm", "device=cuda"]
+
+
+def test_config_names_the_unknown_vllm_option(fake_vllm):
+    config = load_config(None, [*VLLM_RUN, "rollout.vllm.options.swap_space=8"])
+    assert config.rollout.vllm.options == {"swap_space": 8}
+    with pytest.raises(ConfigError, match=r"rollout\.vllm\.options\.swap_spac: not a vllm"):
+        load_config(None, [*VLLM_RUN, "rollout.vllm.options.swap_spac=8"])
+    with pytest.raises(ConfigError, match=r"rollout\.vllm\.max_num_seq: unknown key"):
+        load_config(None, [*VLLM_RUN, "rollout.vllm.max_num_seq=8"])
+
+
+def test_config_engine_options_pass_vllm_section(fake_vllm):
+    from gvmrl.rollout.vllm import engine_options
+
+    config = load_config(
+        None,
+        [
+            *VLLM_RUN,
+            "rollout.vllm.max_model_len=4096",
+            "rollout.vllm.sleep_level=1",
+            "rollout.vllm.options.kv_cache_dtype=fp8",
+        ],
+    )
+    options = engine_options(config)
+    assert options["dtype"] == "bfloat16"  # fp32 master weights, bf16 compute on the GPU
+    assert options["max_model_len"] == 4096 and options["sleep_level"] == 1
+    assert options["kv_cache_dtype"] == "fp8"
+    config.rollout.vllm.enable_sleep_mode = False
+    assert engine_options(config)["sleep_level"] is None
+
+
+def test_missing_vllm_fails_at_validation_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ConfigError, match=r"vllm is not installed.*gvmrl\[vllm\]"):
+        load_config(None, VLLM_RUN)
+    # gvmrl plan estimates a vLLM run's memory without vllm installed
+    assert load_config(None, VLLM_RUN, check_environment=False).rollout.engine == "vllm"
