@@ -1,6 +1,6 @@
-"""Settings shared by the bench scripts: the arms of the convergence benchmark (the package's named
-arms, `gvmrl.experiments.ARMS`, under the names BENCHMARKS.md uses), the built-in tasks, and the
-overrides that keep bench runs quiet.
+"""Settings shared by the bench scripts: the arms of the convergence benchmark and of the
+allocation-rule comparison (the package's named arms, `gvmrl.experiments.ARMS`, under the names
+BENCHMARKS.md uses), the built-in tasks, and the overrides that keep bench runs quiet.
 
 Bench scripts run as `python bench/NAME.py`, so they import this module as `common`.
 """
@@ -18,6 +18,18 @@ BENCH_ARMS = {
     "gvm-incl-2": "gvm-incl-2",
     "gvm-incl-4": "gvm-incl-4",
 }
+# the allocation rules compared by bench/allocators.py (issue 22), with uniform and GVM
+RULE_ARMS = {
+    "uniform-n": "uniform",
+    "uniform-2n": "uniform-2n",
+    "gvm": "gvm",
+    "gvm-history": "gvm-history",
+    "knapsack": "knapsack",
+    "dapo": "dapo",
+    "reinforce-ada": "reinforce-ada",
+    "greso": "greso",
+}
+_ALL_ARMS = {**BENCH_ARMS, **RULE_ARMS}
 # task -> (training prompts, held-out prompts)
 TASKS = {
     "builtin": ("builtin:train", "builtin:test"),
@@ -27,13 +39,13 @@ QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 
 
 def is_gvm(arm: str) -> bool:
-    return "allocation=gvm" in ARMS[BENCH_ARMS[arm]]
+    return "allocation=gvm" in ARMS[_ALL_ARMS[arm]]
 
 
 def arm_overrides(arm: str, prompts: int) -> list[str]:
     """The overrides of a bench arm: n = 8 samples per prompt for uniform-n, and a budget of
     8 x prompts for the GVM arms, as uniform-n generates."""
-    overrides = list(ARMS[BENCH_ARMS[arm]])
+    overrides = list(ARMS[_ALL_ARMS[arm]])
     if is_gvm(arm):
         overrides.append(f"gvm.budget={8 * prompts}")
     return overrides

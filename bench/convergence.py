@@ -51,6 +51,7 @@ from gvmrl.analysis import (
     load_run,
     paired_difference,
     plot_curves,
+    seed_mean_curve,
 )
 from gvmrl.config import load_config
 from gvmrl.experiments import builtin_run_overrides
@@ -126,7 +127,7 @@ def summarise(
     `reevals` (per arm, per seed) and `start_reevals` (per seed) are larger evaluations of the
     final and starting weights; with them the rows also compare final accuracy at that size."""
     uniform = [m for m in runs["uniform-n"] if m]
-    xs, ys = _mean_curve(uniform)
+    xs, ys = seed_mean_curve(uniform)
     target = float(fit_saturating(xs, ys)(xs[-1]))
     final_uniform = np.array([eval_curve(m, "iteration")[1][-1] for m in uniform])
     mean_eval_uniform = _mean_after_start(uniform)
@@ -136,7 +137,7 @@ def summarise(
         row: dict = {"arm": arm, "seeds": len(seeds)}
         # With few seeds a seed's own curve often ends a little below the seed-mean target;
         # the seed-mean curve of each arm still gives a comparable reading.
-        mean_iterations, mean_accuracy = _mean_curve(seeds)
+        mean_iterations, mean_accuracy = seed_mean_curve(seeds)
         row["eval_iterations"] = mean_iterations.tolist()
         row["eval_accuracy_mean"] = mean_accuracy.tolist()
         mean_crossing = fitted_cost(mean_iterations, mean_accuracy, target)
@@ -335,12 +336,6 @@ def _points(value: float, sem: float | None = None) -> str:
     """A difference in accuracy as signed points, with its standard error in brackets."""
     text = f"{100 * value:+.1f}"
     return text if sem is None or math.isnan(sem) else f"{text} ({100 * sem:.1f})"
-
-
-def _mean_curve(seeds: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out accuracy against iterations, averaged over seeds (evaluations are aligned)."""
-    curves = [eval_curve(m, "iteration") for m in seeds]
-    return np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
 
 
 def _mean_after_start(seeds: list[list[dict]]) -> np.ndarray:

@@ -12,6 +12,10 @@ bonus are shared by all algorithms and applied by the trainer.
 - grpo    (DeepSeekMath, Shao et al. 2024): every sample, group-normalised advantages, the same
           clipped surrogate.
 
+An allocation rule that knows each prompt's reward mean and std from more samples than the M-step
+trains on (Reinforce-Ada's "global statistics") hands them to the advantage estimator as a
+`GroupBaseline`; estimators without a baseline ignore it.
+
 To add an algorithm, write its three functions (pure: tensors and config in, tensors out) and
 register an `Algorithm` under a new name; `config.validate` accepts every registered name.
 """
@@ -23,8 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from gvmrl.allocation_rules.reinforce_ada import global_advantages
 from gvmrl.losses import clipped_policy_loss, compute_advantages, raft_loss
 from gvmrl.records import is_accepted
 
@@ -33,8 +39,20 @@ if TYPE_CHECKING:
 
 # (scores (N,)) -> (N,) bool: the samples the M-step trains on.
 SampleFilter = Callable[[np.ndarray], np.ndarray]
-# (scores (N,), group ids (N,), loss config) -> advantages (N,)
-AdvantageFn = Callable[[Tensor, Tensor, "LossConfig"], Tensor]
+
+
+@dataclass(frozen=True)
+class GroupBaseline:
+    """Per-prompt reward mean and standard deviation, indexed by group id: the baseline of the
+    advantages when an allocation rule estimated it from every sample it drew for the prompt,
+    not only the ones trained on (Reinforce-Ada, arXiv 2510.04996)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+# (scores (N,), group ids (N,), loss config, baseline or None) -> advantages (N,)
+AdvantageFn = Callable[[Tensor, Tensor, "LossConfig", GroupBaseline | None], Tensor]
 # (log-probs (N,T), sampling log-probs (N,T), advantages (N,), response mask (N,T), loss config)
 #   -> (per-token loss (N,T), 0 off the mask; {metric name: 0-dim tensor})
 PerTokenLossFn = Callable[
@@ -76,15 +94,29 @@ def every_sample(scores: np.ndarray) -> np.ndarray:
     return np.ones(len(scores), dtype=bool)
 
 
-def raft_advantages(scores: Tensor, group_ids: Tensor, loss: LossConfig) -> Tensor:
+def raft_advantages(
+    scores: Tensor, group_ids: Tensor, loss: LossConfig, baseline: GroupBaseline | None = None
+) -> Tensor:
     """A = max(r, 0) (`gvmrl.losses.raft_advantages`); RAFT's loss ignores it, but the share of
-    zero advantages is reported for every algorithm."""
+    zero advantages is reported for every algorithm. RAFT has no baseline to replace."""
     return compute_advantages("raft++", scores, group_ids)
 
 
-def grpo_advantages(scores: Tensor, group_ids: Tensor, loss: LossConfig) -> Tensor:
+def grpo_advantages(
+    scores: Tensor, group_ids: Tensor, loss: LossConfig, baseline: GroupBaseline | None = None
+) -> Tensor:
     """Group-normalised rewards, divided by the group's std unless `loss.grpo_scale_by_std` is off
-    (Dr. GRPO)."""
+    (Dr. GRPO); with a `baseline`, centred on and scaled by its per-prompt mean and std instead
+    of the trained group's."""
+    if baseline is not None:
+        index = group_ids.cpu().numpy()
+        advantages = global_advantages(
+            scores.cpu().numpy(),
+            baseline.mean[index],
+            baseline.std[index],
+            scale_by_std=loss.grpo_scale_by_std,
+        )
+        return torch.as_tensor(advantages, dtype=torch.float32, device=scores.device)
     estimator = "grpo" if loss.grpo_scale_by_std else "grpo-no-std"
     return compute_advantages(estimator, scores, group_ids)
 

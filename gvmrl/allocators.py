@@ -15,7 +15,16 @@ What the interface leaves room for (rules of issue 22 plug in without trainer ch
   object and return it from `state_dict()`; the trainer saves that in every checkpoint
   (state.json, so it must be JSON-ready) and hands it to `load_state_dict` on resume;
 - rules that are a pure function of per-prompt statistics (knapsack) compute the statistics and
-  call their pure function, as `GVMAllocator` calls `gvmrl.allocation.allocate`.
+  call their pure function, as `GVMAllocator` calls `gvmrl.allocation.allocate`;
+- rules that learn from the main samples (per-prompt history) get them through `observe`, after
+  grading and before the update;
+- rules that draw more prompts than the iteration's batch (DAPO) take them from
+  `context.more_prompts`, and rules that choose what to train on among what they drew return it
+  as `training` (with a per-prompt reward baseline for the advantages, if they have one).
+
+The rules of issue 22 (gvm-history, knapsack, dapo, reinforce-ada, greso) live in
+`gvmrl.adaptive_allocators`, imported at the end of this module so that `ALLOCATORS` always holds
+every rule.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from gvmrl.algorithms import GroupBaseline
 from gvmrl.allocation import allocate
 from gvmrl.estimation import prompt_stats
 from gvmrl.records import PromptRecord, Rollouts
@@ -48,6 +58,8 @@ class Sampler(Protocol):
 
 # (samples, parameter group, micro-batch size) -> (n,) exact per-sample gradient norms
 GradNorms = Callable[[list[Sample], str, int], np.ndarray]
+# (count, round, ids to leave out) -> up to `count` further training prompts, the same on resume
+MorePrompts = Callable[[int, int, set[str]], list[PromptRecord]]
 
 
 @dataclass
@@ -60,6 +72,11 @@ class AllocationContext:
     """`with context.timer("presample"):` records the phase's wall time as time_presample."""
     log: Callable[[str], None]
     """A line for the user (progress display)."""
+    more_prompts: MorePrompts | None = None
+    """Training prompts beyond the iteration's batch, a pure function of (run seed, iteration,
+    round), so that a resumed run draws the same ones (`PromptStream.extra`)."""
+    train_set_size: int = 0
+    """Prompts in the training set (one epoch)."""
 
 
 @dataclass
@@ -73,9 +90,19 @@ class Allocation:
     train_on_presamples: bool = False
     """Whether the M-step trains on `presamples` besides the main samples."""
     metrics: dict[str, Any] = field(default_factory=dict)
+    training: Rollouts | None = None
+    """What the M-step trains on besides the main samples, chosen by the rule among what it drew
+    (DAPO's informative groups, Reinforce-Ada's balanced groups), with group ids in
+    [0, prompts_per_iteration); takes the place of `presamples` in the M-step."""
+    baseline: GroupBaseline | None = None
+    """Per-prompt reward mean and std for the advantages (indexed by group id), when the rule
+    has them from more samples than it trains on (Reinforce-Ada); None: each group's own."""
 
     def training_rollouts(self, rollouts: Rollouts) -> Rollouts:
-        """The rollouts of the M-step: the main samples, after the pre-samples when trained on."""
+        """The rollouts of the M-step: the main samples, after the rule's chosen samples or the
+        pre-samples when trained on."""
+        if self.training is not None:
+            return Rollouts.concat(self.training, rollouts)
         if self.presamples is not None and self.train_on_presamples:
             return Rollouts.concat(self.presamples, rollouts)
         return rollouts
@@ -83,6 +110,12 @@ class Allocation:
 
 class Allocator(Protocol):
     def allocate(self, prompts: list[PromptRecord], context: AllocationContext) -> Allocation: ...
+
+    def observe(
+        self, prompts: list[PromptRecord], rollouts: Rollouts, context: AllocationContext
+    ) -> None:
+        """The iteration's graded main samples, before the update (rules with history)."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -110,6 +143,11 @@ def make_allocator(config: TrainConfig) -> Allocator:
 
 class Stateless:
     """For rules that carry nothing from one iteration to the next."""
+
+    def observe(
+        self, prompts: list[PromptRecord], rollouts: Rollouts, context: AllocationContext
+    ) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -189,12 +227,13 @@ class GVMAllocator(Stateless):
         return p, stats.grad_norm
 
     def sizes(
-        self, p: np.ndarray, g: np.ndarray, num_prompts: int, log: Callable[[str], None]
+        self, p: np.ndarray, g: np.ndarray, presampled_prompts: int, log: Callable[[str], None]
     ) -> np.ndarray:
-        """n_i for the main samples: the whole budget, or what the pre-samples left of it."""
+        """n_i for the main samples: the whole budget, or what the pre-samples (N' for each of
+        `presampled_prompts` prompts) left of it."""
         options = self.options
         budget = self.budget - (
-            options.presamples * num_prompts if options.budget_inclusive else 0
+            options.presamples * presampled_prompts if options.budget_inclusive else 0
         )
         with warnings.catch_warnings():  # an empty allocation is reported through `log`
             warnings.filterwarnings("ignore", message="allocate: every prompt has zero weight")
@@ -243,3 +282,8 @@ def measured_subset(group: np.ndarray, accepted: np.ndarray, per_prompt: int | N
         rank[k] = seen.get(int(g), 0)
         seen[int(g)] = rank[k] + 1
     return index[rank < per_prompt]
+
+
+# The rules of issue 22 register themselves on import; importing them last, once everything they
+# build on is defined, keeps `ALLOCATORS` complete wherever this module is imported.
+from gvmrl import adaptive_allocators  # noqa: E402, F401

@@ -108,6 +108,31 @@ def cost_to_target(metrics: list[dict[str, Any]], target: float, axis: str) -> f
     return iteration if axis == "iteration" else cost_at_iteration(metrics, iteration, axis)
 
 
+def seed_mean_curve(
+    seeds: list[list[dict[str, Any]]], axis: str = "iteration"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cost, held-out accuracy) averaged over seeds' runs, whose evaluations are aligned (the same
+    iterations), both averaged per evaluation."""
+    curves = [eval_curve(m, axis) for m in seeds]
+    if len({c[0].size for c in curves}) != 1:
+        raise ValueError("seeds' runs have different numbers of evaluations")
+    return np.mean([c[0] for c in curves], axis=0), np.mean([c[1] for c in curves], axis=0)
+
+
+def mean_curve_crossing(x, y, target: float) -> float:
+    """Where a seed-mean curve (x, y) reaches `target`: inf when its last point is below it, else
+    the crossing of its fitted curve, at most its last x.
+
+    Whether the target is reached is read off the measured end, the figure a final-accuracy
+    column shows, so the two cannot disagree; the fitted curve only says where. A fit that ends
+    just below a measured end at or above the target crosses at the end."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if y[-1] < target:
+        return math.inf
+    return min(fit_saturating(x, y).cost_to_reach(target), float(x[-1]))
+
+
 def paired_difference(values, baseline) -> tuple[float, float]:
     """Mean and standard error over seeds of `values - baseline`, paired by seed.
 
@@ -135,8 +160,10 @@ def plot_curves(
     *,
     target: float | None = None,
     title: str = "",
+    axes: tuple[str, ...] = tuple(COST_AXES),
 ) -> None:
-    """One panel per cost axis; each method a line (mean over its seeds) with a min-max band."""
+    """One panel per cost axis in `axes` (keys of COST_AXES); each method a line (mean over its
+    seeds) with a min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,8 +171,8 @@ def plot_curves(
 
     from gvmrl.io import atomic_open
 
-    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(5 * len(COST_AXES), 4), squeeze=False)
-    for ax, (axis, label) in zip(axes[0], COST_AXES.items()):
+    fig, panels = plt.subplots(1, len(axes), figsize=(5 * len(axes), 4), squeeze=False)
+    for ax, axis in zip(panels[0], axes):
         for method, seeds in runs.items():
             curves = [eval_curve(m, axis) for m in seeds if m]
             curves = [c for c in curves if c[0].size]
@@ -161,10 +188,10 @@ def plot_curves(
                 )
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
-        ax.set_xlabel(label)
+        ax.set_xlabel(COST_AXES[axis])
         ax.set_ylabel("held-out accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    panels[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

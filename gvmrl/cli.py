@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("stats", "per-prompt accept rates and gradient norms from scored samples"),
     "score": ("score", "grade responses against reference answers"),
     "eval": ("evaluate", "accuracy and pass@k of a model on prompt files"),
-    "pretrain": ("pretrain", "supervised warm start of the built-in tiny model"),
+    "pretrain": ("pretrain", "rebuild the built-in tiny model's warm start into a directory"),
     "data": ("data", "prepare prompt files from MATH/GSM8K/NuminaMath/OlympiadBench data"),
     "plan": ("plan", "estimate a training config's GPU memory, part by part"),
 }

@@ -50,6 +50,9 @@ class DataConfig:
     """Appended to each problem; "auto": none for the built-in model (and checkpoints trained from it), the \\boxed{} instruction otherwise."""
     eval_limit: int | None = 128
     """Evaluate on the first K held-out prompts (None: all)."""
+    train_limit: int | None = None
+    """Train on the first K training prompts only (None: all): a finite set whose prompts recur
+    every K / prompts_per_iteration iterations, as allocation rules with history need."""
     overlong: str = "skip"
     """Prompts whose tokens plus rollout.max_new_tokens exceed the model's context: skip (counted)
     or error (stop before any work, naming the prompt)."""
@@ -136,6 +139,112 @@ class GVMConfig:
     as much time as the pre-sampling itself."""
     grad_batch_size: int = 64
     """Micro-batch size of the gradient-norm estimation."""
+
+
+@dataclass
+class GVMHistoryConfig:
+    """allocation: gvm-history. GVM's rule (the `gvm` section's alpha, beta, caps, filters,
+    uniform_share, grad-norm and pre-sample options) on p_i and G_i carried from each prompt's
+    earlier visits, so a recurring prompt needs no pre-samples (gvmrl.allocation_rules.history)."""
+
+    decay: float = 1.0
+    """Weight of the past per visit in the averaged statistics (1: pool every visit, 0: last)."""
+    accept_prior: tuple[float, float] = (1.0, 1.0)
+    """Beta(a, b) prior smoothing p_i = (accepted + a) / (samples + a + b) over the history."""
+    unseen: str = "presample"
+    """A prompt never seen: presample (gvm.presamples pre-samples, counted as generated) or prior
+    (p = unseen_accept_rate, G = the median G of the batch's known prompts)."""
+    unseen_accept_rate: float = 0.5
+    """p of an unseen prompt under unseen: prior."""
+
+
+@dataclass
+class KnapsackConfig:
+    """allocation: knapsack. Knapsack-RL (arXiv 2509.25849): each prompt's value of n samples
+    from its success rate in earlier visits, solved as a knapsack over samples_per_prompt x
+    prompts (gvmrl.allocation_rules.knapsack)."""
+
+    min_size: int = 2
+    """Floor of a prompt with a known 0 < p < 1 (the knapsack adds to it)."""
+    max_size: int = 128
+    """Cap of a prompt in the knapsack."""
+    zero_size: int | None = None
+    """Samples of a known prompt with p = 0 (None: min_size)."""
+    one_size: int | None = None
+    """Samples of a known prompt with p = 1 (None: min_size)."""
+    confidence: float = 0.9
+    """Cost of a prompt: samples to see both outcomes with this probability."""
+    cost_estimate: str = "probability"
+    """probability (log(1 - confidence) / log(max(p, 1 - p))) or expectation (1 / (p(1-p)) - 1)."""
+    redistribute_excess: bool = True
+    """Budget the costs do not need goes to the prompts with p = 0 or unknown p (the authors')."""
+    min_history_samples: int = 8
+    """A prompt's p is known once this many of its samples were seen; before, it gets n."""
+    decay: float = 0.0
+    """Weight of the past per visit in p (0: the last visit only)."""
+
+
+@dataclass
+class DAPOConfig:
+    """allocation: dapo. DAPO's dynamic sampling (arXiv 2503.14476): rounds of fresh prompts with
+    samples_per_prompt samples each, groups whose rewards are all equal dropped, until
+    prompts_per_iteration informative groups are in (gvmrl.allocation_rules.dapo). Also the
+    rounds of greso."""
+
+    gen_prompts: int | None = None
+    """Prompts per round (the iteration's batch first, then further ones from the training set);
+    None: 3 x prompts_per_iteration (DAPO's recipe)."""
+    max_rounds: int = 10
+    """Most rounds per iteration; then the iteration trains on the groups it has."""
+    adaptive_rounds: bool = False
+    """Size later rounds from the last one's informative share (GRESO's variant)."""
+    headroom: float = 1.25
+    """Adaptive rounds: draw this many times the prompts expected to fill the batch."""
+    min_round_prompts: int = 8
+    """Adaptive rounds: fewest prompts per round."""
+
+
+@dataclass
+class ReinforceAdaConfig:
+    """allocation: reinforce-ada. Reinforce-Ada (arXiv 2510.04996): rounds of samples for the
+    prompts still active, a prompt retired once its samples meet the exit rule; each trains on a
+    balanced group (gvmrl.allocation_rules.reinforce_ada)."""
+
+    exit_rule: str = "balanced"
+    """balanced (group_size // 2 positives and the rest negatives seen) or positive_focused."""
+    round_samples: int = 8
+    """Samples per active prompt per round."""
+    max_rounds: int = 4
+    """Most rounds per iteration."""
+    group_size: int | None = None
+    """K, samples per prompt trained on (None: samples_per_prompt)."""
+    positive_threshold: float = 0.7
+    """A sample is positive if its reward is above this."""
+    budget: int | None = None
+    """Most samples per iteration over all rounds (None: round_samples x max_rounds x prompts)."""
+    global_baseline: bool = True
+    """Advantages against each prompt's mean (and std) over all its samples, not the group's."""
+
+
+@dataclass
+class GRESOConfig:
+    """allocation: greso. GRESO (arXiv 2506.02177): skip prompts whose latest visits all had
+    equal rewards, with a keep probability base^streak; the kept prompts feed the `dapo` rounds
+    (gvmrl.allocation_rules.greso)."""
+
+    initial_base: float = 0.5
+    """Starting exploration bases p_easy and p_hard."""
+    target_zero_variance: float = 0.25
+    """Aimed share of generated groups with equal rewards (a third all-correct, two thirds
+    all-wrong)."""
+    step: float = 0.01
+    """Change of a base per iteration towards its target."""
+    base_range: tuple[float, float] = (0.05, 0.95)
+    """Bounds of the bases."""
+    min_keep: float = 0.01
+    """Floor of a prompt's keep probability."""
+    adapt_after_prompts: int | None = None
+    """Adapt the bases once this many batch prompts were trained on (None: one epoch)."""
 
 
 @dataclass
@@ -233,13 +342,23 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs launched by torchrun (docs/DISTRIBUTED.md); unused by a plain run."""
+
+    timeout_s: float = 1800.0
+    """Longest wait of one rank for another at a collective before the job fails; must exceed the
+    slowest rank's rollouts (a killed rank ends the job at once, whatever this is)."""
+
+
+@dataclass
 class TrainConfig:
     """One GVM-EM training run (arXiv 2505.02391, Algorithm 1)."""
 
     algorithm: str = "raft++"
     """M-step algorithm: raft, raft++ or grpo."""
     allocation: str = "uniform"
-    """Sample allocation: uniform (n per prompt) or gvm."""
+    """Sample allocation: uniform (n per prompt), gvm, gvm-history, knapsack, dapo, reinforce-ada
+    or greso (README: Allocation rules); each reads its options from its own section."""
     iterations: int = 20
     """EM iterations (each: a batch of prompts, sample, update)."""
     seed: int = 0
@@ -281,11 +400,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     gvm: GVMConfig = field(default_factory=GVMConfig)
+    gvm_history: GVMHistoryConfig = field(default_factory=GVMHistoryConfig)
+    knapsack: KnapsackConfig = field(default_factory=KnapsackConfig)
+    dapo: DAPOConfig = field(default_factory=DAPOConfig)
+    reinforce_ada: ReinforceAdaConfig = field(default_factory=ReinforceAdaConfig)
+    greso: GRESOConfig = field(default_factory=GRESOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self, check_environment: bool = True) -> TrainConfig:
         """Reject settings that cannot work, naming the key and the fix. `check_environment`:
@@ -349,7 +474,7 @@ class TrainConfig:
             "gvm.reuse_presamples",
             "budget_inclusive already trains on the pre-samples; set only one of them",
         )
-        if self.allocation == "gvm":
+        if self.allocation in ("gvm", "gvm-history"):
             presampled = g.presamples * self.prompts_per_iteration
             check(g.budget is None or g.budget >= 0, "gvm.budget", "must be >= 0")
             check(
@@ -381,8 +506,95 @@ class TrainConfig:
         check(self.eval.every >= 0, "eval.every", "must be >= 0")
         check(self.eval.samples >= 1, "eval.samples", "must be >= 1")
         self._check_ranges()
+        self._check_allocation_rules()
         self._check_gpu_path(check_environment)
         return self
+
+    def _check_allocation_rules(self) -> None:
+        """The sections of the rules of issue 22, each checked whatever rule is chosen (a bad
+        value fails now, not when someone switches rules on a resumed config)."""
+        h, k, d, r, s = self.gvm_history, self.knapsack, self.dapo, self.reinforce_ada, self.greso
+        prompts, n = self.prompts_per_iteration, self.samples_per_prompt
+        floors = max(n, k.min_size, k.zero_size or 0, k.one_size or 0)
+        checks: list[tuple[bool, str, str]] = [
+            (_finite(h.decay) and 0 <= h.decay <= 1, "gvm_history.decay", "must be in [0, 1]"),
+            (
+                all(_finite(v) and v >= 0 for v in h.accept_prior),
+                "gvm_history.accept_prior",
+                "must be finite and >= 0",
+            ),
+            (h.unseen in ("presample", "prior"), "gvm_history.unseen", "presample or prior"),
+            (
+                0 <= h.unseen_accept_rate <= 1,
+                "gvm_history.unseen_accept_rate",
+                "must be in [0, 1]",
+            ),
+            (k.min_size >= 1, "knapsack.min_size", "must be >= 1"),
+            (k.max_size >= k.min_size, "knapsack.max_size", "must be >= knapsack.min_size"),
+            (k.zero_size is None or k.zero_size >= 0, "knapsack.zero_size", "must be >= 0"),
+            (k.one_size is None or k.one_size >= 0, "knapsack.one_size", "must be >= 0"),
+            (
+                floors <= n,
+                "knapsack.min_size",
+                f"the floors (min_size, zero_size, one_size: up to {floors}) must not exceed "
+                f"samples_per_prompt ({n}), or {prompts} known prompts could exceed the budget",
+            ),
+            (0 < k.confidence < 1, "knapsack.confidence", "must be in (0, 1)"),
+            (
+                k.cost_estimate in ("probability", "expectation"),
+                "knapsack.cost_estimate",
+                "probability or expectation",
+            ),
+            (k.min_history_samples >= 1, "knapsack.min_history_samples", "must be >= 1"),
+            (_finite(k.decay) and 0 <= k.decay <= 1, "knapsack.decay", "must be in [0, 1]"),
+            (
+                d.gen_prompts is None or d.gen_prompts >= prompts,
+                "dapo.gen_prompts",
+                f"must be >= prompts_per_iteration ({prompts}), or null (3 x that)",
+            ),
+            (d.max_rounds >= 1, "dapo.max_rounds", "must be >= 1"),
+            (_finite(d.headroom) and d.headroom >= 1, "dapo.headroom", "must be >= 1"),
+            (d.min_round_prompts >= 1, "dapo.min_round_prompts", "must be >= 1"),
+            (
+                r.exit_rule in ("balanced", "positive_focused"),
+                "reinforce_ada.exit_rule",
+                "balanced or positive_focused",
+            ),
+            (r.round_samples >= 1, "reinforce_ada.round_samples", "must be >= 1"),
+            (r.max_rounds >= 1, "reinforce_ada.max_rounds", "must be >= 1"),
+            (
+                r.group_size is None or r.group_size >= 1,
+                "reinforce_ada.group_size",
+                "must be >= 1 (or null: samples_per_prompt)",
+            ),
+            (
+                _finite(r.positive_threshold),
+                "reinforce_ada.positive_threshold",
+                "must be finite",
+            ),
+            (
+                r.budget is None or r.budget >= 1,
+                "reinforce_ada.budget",
+                "must be >= 1 (or null: no cap beyond the rounds)",
+            ),
+            (0 < s.initial_base <= 1, "greso.initial_base", "must be in (0, 1]"),
+            (0 <= s.target_zero_variance <= 1, "greso.target_zero_variance", "must be in [0, 1]"),
+            (_finite(s.step) and s.step >= 0, "greso.step", "must be >= 0"),
+            (
+                0 < s.base_range[0] <= s.initial_base <= s.base_range[1] <= 1,
+                "greso.base_range",
+                "must satisfy 0 < low <= greso.initial_base <= high <= 1",
+            ),
+            (0 <= s.min_keep <= 1, "greso.min_keep", "must be in [0, 1]"),
+            (
+                s.adapt_after_prompts is None or s.adapt_after_prompts >= 0,
+                "greso.adapt_after_prompts",
+                "must be >= 0 (or null: one epoch)",
+            ),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message}")
 
     def _check_gpu_path(self, check_environment: bool) -> None:
         """Precision, micro-batching, pi_old and vLLM options: all before any weights load."""
@@ -442,6 +654,11 @@ class TrainConfig:
             (self.eval_data != "", "eval_data", "must not be empty (null: no evaluation)"),
             (self.threads is None or self.threads >= 1, "threads", "must be >= 1 (or null)"),
             (_finite(self.verifier_timeout), "verifier_timeout", "must be finite"),
+            (
+                _finite(self.distributed.timeout_s) and self.distributed.timeout_s > 0,
+                "distributed.timeout_s",
+                "must be finite and > 0",
+            ),
             (self.data.overlong in ("skip", "error"), "data.overlong", "skip or error"),
             (
                 self.data.eval_limit is None or self.data.eval_limit >= 1,
@@ -500,7 +717,7 @@ class TrainConfig:
                 "must be >= 0 (0: greedy)",
             ),
         ]
-        if self.allocation == "gvm":
+        if self.allocation in ("gvm", "gvm-history"):
             # What the allocator splits each iteration; it must fit the floors and caps.
             budget = self.gvm_budget - (
                 g.presamples * self.prompts_per_iteration if g.budget_inclusive else 0

@@ -9,12 +9,12 @@ For each prompt the engine draws `samples` responses, the grader scores each 0 o
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gvmrl.data import format_prompt
+from gvmrl.distributed.dealing import sample_indices, sample_seeds
 from gvmrl.records import PromptRecord
 from gvmrl.progress import Progress
 from gvmrl.rollout.base import RolloutEngine, Sample, SamplingParams
@@ -91,12 +91,16 @@ def evaluate(
     progress: bool = False,
     prompts_per_call: int | None = None,
     label: str = "eval",
+    first_record_index: int = 0,
 ) -> EvalResult:
     """Sample `samples` responses per record, grade them, and aggregate accuracy and pass@k.
 
     Prompts go to the engine in groups of `prompts_per_call` (default: about 512 sequences per
-    call); with a seed, group g samples with seed + g, so groups draw independent randomness and
-    the whole evaluation is reproducible. `progress` shows a bar (per prompt) named `label`.
+    call); with a seed, sample k of record p has seed `sample_seeds(seed, p, k)`, so the
+    evaluation is reproducible and the same however the records are grouped into calls. A rank
+    evaluating the slice of a record set that starts at record j passes
+    `first_record_index=j`: its samples are then those of the whole set's evaluation.
+    `progress` shows a bar (per prompt) named `label`.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -108,11 +112,19 @@ def evaluate(
         with Progress() as bar:
             task = bar.phase(f"{label}: sample {samples} per prompt", total=len(prompts))
             generated = _sample_groups(
-                engine, prompts, samples, params, group, lambda n: bar.advance(task, n)
+                engine,
+                prompts,
+                samples,
+                params,
+                group,
+                first_record_index,
+                lambda n: bar.advance(task, n),
             )
             bar.end(task)
     else:
-        generated = _sample_groups(engine, prompts, samples, params, group, lambda n: None)
+        generated = _sample_groups(
+            engine, prompts, samples, params, group, first_record_index, lambda n: None
+        )
     grades = grader.grade_many(
         [s.text for s in generated], [records[i // samples].answer for i in range(len(generated))]
     )
@@ -132,17 +144,25 @@ def evaluate(
                 "response_tokens": [len(generated[i].response_ids) for i in mine],
             }
         )
-    correct = [round(sum(row["scores"])) for row in rows]
+    accuracy, pass_at = summarise_correct([round(sum(row["scores"])) for row in rows], samples)
     return EvalResult(
-        accuracy=sum(correct) / (len(rows) * samples),
-        pass_at_k={
-            k: sum(pass_at_k(samples, c, k) for c in correct) / len(rows)
-            for k in pass_k_values(samples)
-        },
+        accuracy=accuracy,
+        pass_at_k=pass_at,
         rows=rows,
         mean_response_tokens=sum(len(s.response_ids) for s in generated) / len(generated),
         truncated_fraction=sum(s.finish_reason == "length" for s in generated) / len(generated),
     )
+
+
+def summarise_correct(correct: Sequence[int], samples: int) -> tuple[float, dict[int, float]]:
+    """(accuracy, pass@k for k in `pass_k_values`) of prompts with `correct[p]` of `samples`
+    responses correct: what `evaluate` reports, and what a job's ranks report from the per-prompt
+    counts of their slices."""
+    accuracy = sum(correct) / (len(correct) * samples)
+    return accuracy, {
+        k: sum(pass_at_k(samples, c, k) for c in correct) / len(correct)
+        for k in pass_k_values(samples)
+    }
 
 
 def _sample_groups(
@@ -151,15 +171,18 @@ def _sample_groups(
     samples: int,
     params: SamplingParams,
     group: int,
+    first_index: int,
     on_group_done: Callable[[int], None],
 ) -> list[Sample]:
-    """`samples` responses per prompt, `group` prompts per engine call, group g seeded seed + g."""
+    """`samples` responses per prompt, `group` prompts per engine call; with a seed, each sample
+    seeded from its (first_index + index in `prompts`, k)."""
     generated: list[Sample] = []
-    for g, start in enumerate(range(0, len(prompts), group)):
+    for start in range(0, len(prompts), group):
         chunk = prompts[start : start + group]
-        seed = None if params.seed is None else params.seed + g
-        generated += engine.generate(
-            chunk, [samples] * len(chunk), dataclasses.replace(params, seed=seed)
-        )
+        seeds = None
+        if params.seed is not None:
+            prompt, k = sample_indices([samples] * len(chunk))
+            seeds = sample_seeds(params.seed, first_index + start + prompt, k).tolist()
+        generated += engine.generate(chunk, [samples] * len(chunk), params, seeds)
         on_group_done(len(chunk))
     return generated

@@ -34,9 +34,22 @@ ARMS: dict[str, list[str]] = {
         "gvm.budget_inclusive=true",
         "gvm.accept_prior=[0.5,0.5]",
     ],
+    # the rules of issue 22 (README: Allocation rules), each with its section's defaults
+    # GVM on p_i, G_i from earlier visits; N' = 8 pre-samples only for unseen prompts
+    "gvm-history": ["allocation=gvm-history", "gvm.presamples=8"],
+    # Knapsack-RL: n x prompts spread by each prompt's value at its last visit's success rate
+    "knapsack": ["allocation=knapsack"],
+    # DAPO dynamic sampling: rounds of 3 x prompts, all-equal groups dropped
+    "dapo": ["allocation=dapo"],
+    # Reinforce-Ada: rounds of 8 per active prompt until a right and a wrong answer, balanced n
+    "reinforce-ada": ["allocation=reinforce-ada"],
+    # GRESO: prompts with all-equal streaks skipped before DAPO's rounds
+    "greso": ["allocation=greso"],
 }
 
-DEMO_ARMS = ("uniform", "gvm", "gvm-inclusive")
+# `gvmrl demo` compares these with the first, on the same seeds; an allocation rule that the
+# benchmarks find paying joins here as another arm.
+DEMO_ARMS = ("uniform", "gvm")
 
 
 def builtin_run_overrides(

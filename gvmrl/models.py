@@ -1,12 +1,11 @@
-"""Load a causal LM and its tokenizer by path, hub id or `builtin` (the cached built-in model,
+"""Load a causal LM and its tokenizer by path, hub id or `builtin` (the shipped built-in model,
 `gvmrl.builtin`), ready for training and rollouts."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gvmrl.builtin.model import BUILTIN
-from gvmrl.builtin.pretrain import builtin_checkpoint
+from gvmrl.builtin.model import BUILTIN, builtin_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +34,7 @@ def _end_token_ids(
 def load_model_and_tokenizer(
     name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and tokenizer; `builtin` means the cached built-in checkpoint.
+    """Load a causal LM and tokenizer; `builtin` means the shipped built-in checkpoint.
 
     Anything else goes to `AutoModelForCausalLM/AutoTokenizer.from_pretrained` (a local directory,
     or a hub id for users with network access). The tokenizer gets a pad token (EOS if it has

@@ -12,7 +12,9 @@ from gvmrl.analysis import (
     cost_to_target,
     eval_curve,
     fit_saturating,
+    mean_curve_crossing,
     paired_difference,
+    seed_mean_curve,
 )
 
 
@@ -66,3 +68,35 @@ def test_paired_difference_hand_derived():
     assert math.isnan(paired_difference([0.6], [0.5])[1])
     with pytest.raises(ValueError, match="one value per seed"):
         paired_difference([0.6, 0.5], [0.5])
+
+
+def test_seed_mean_curve_averages_aligned_evaluations():
+    seeds = [
+        [{"iteration": 0, "eval_accuracy": a}, {"iteration": 1}, {"iteration": 2, "eval_accuracy": b}]
+        for a, b in ((0.4, 0.6), (0.5, 0.5))
+    ]
+    x, y = seed_mean_curve(seeds)
+    assert x.tolist() == [0, 2] and y == pytest.approx([0.45, 0.55])
+    with pytest.raises(ValueError, match="different numbers of evaluations"):
+        seed_mean_curve([seeds[0], seeds[1][:1]])
+
+
+def test_mean_curve_crossing_agrees_with_the_measured_end():
+    x = np.arange(0, 21, 4.0)
+    y = 0.6 - 0.1 * np.exp(-x / 5.0)
+    # an exact saturating curve: the crossing is where 0.6 - 0.1 exp(-x/5) = 0.55, x = 5 ln 2
+    assert mean_curve_crossing(x, y, 0.55) == pytest.approx(5 * math.log(2), rel=0.03)
+    # a last point above the target whose fitted curve ends below it: reached, at the end (the
+    # old reading called this "never")
+    bumped = y.copy()
+    bumped[-1] += 0.02
+    target = bumped[-1] - 0.001
+    assert fit_saturating(x, bumped)(x[-1]) < target
+    assert mean_curve_crossing(x, bumped, target) == 20.0
+    # a last point below the target is not reached, even where the fit crosses earlier
+    dipped = y.copy()
+    dipped[-1] -= 0.02
+    assert fit_saturating(x, dipped).cost_to_reach(0.58) < 20
+    assert mean_curve_crossing(x, dipped, 0.58) == math.inf
+    # a start already at the target: reached before any training
+    assert mean_curve_crossing(x, y, 0.45) == 0.0

@@ -1,5 +1,6 @@
-"""Multi-process training layer (gvmrl.distributed) on CPU with gloo: 2 torchrun processes
-against one process, sharded checkpoints, failure of a rank; single-process pieces too."""
+"""Multi-process training on CPU with gloo: the gvmrl.distributed pieces and `gvmrl train`
+itself on 2 torchrun processes against one process, sharded checkpoints, failure of a rank;
+single-process pieces too."""
 
 from __future__ import annotations
 
@@ -162,6 +163,160 @@ def test_failed_rank_ends_the_job_non_zero_within_60s(mode):
 
 
 # ---------------------------------------------------------------------------------------------
+# The trainer under torchrun: `gvmrl train` on 2 processes against one
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SETTINGS = (
+    "iterations=3",
+    "prompts_per_iteration=8",
+    "samples_per_prompt=4",
+    "gvm.presamples=4",
+    "rollout.max_new_tokens=32",
+    "update.minibatch_size=4",
+    "eval.every=3",
+    "eval.samples=2",
+    "data.eval_limit=5",  # 2 + 3 records: uneven evaluation slices
+    "threads=1",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+)
+# what depends on which samples were drawn and how they were graded: equal, not close
+EXACT_METRICS = (
+    "samples_per_prompt",
+    "samples_generated",
+    "tokens_generated",
+    "samples",
+    "presamples",
+    "accepted_samples",
+    "trained_samples",
+    "total_optimizer_steps",
+    "train_accuracy",
+    "presample_accuracy",
+    "response_tokens_mean",
+    "eval_accuracy",
+)
+
+
+def train_command(config: str, out: Path, processes: int) -> list[str]:
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    overrides = [arg for setting in TRAIN_SETTINGS for arg in ("--set", setting)]
+    config_path = str(ROOT / "configs" / f"{config}.yaml")
+    arguments = ["--config", config_path, "--output-dir", str(out), *overrides]
+    return [*launcher, "-m", "gvmrl", "train", *arguments]
+
+
+def train_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_training(config: str, out: Path, processes: int) -> None:
+    result = subprocess.run(
+        train_command(config, out, processes),
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """RAFT++-GVM and GRPO-GVM, 3 iterations each, on 1 and on 2 processes."""
+    root = tmp_path_factory.mktemp("trainer")
+    runs = {}
+    for config in ("builtin-raftpp-gvm", "builtin-grpo-gvm"):
+        for processes in (1, 2):
+            out = root / f"{config}-{processes}"
+            run_training(config, out, processes)
+            runs[config, processes] = out
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["builtin-raftpp-gvm", "builtin-grpo-gvm"])
+def test_two_process_training_matches_one_process(trainer_runs, config):
+    one, two = trainer_runs[config, 1], trainer_runs[config, 2]
+    rows_one, rows_two = metrics_rows(one), metrics_rows(two)
+    assert [r["world_size"] for r in rows_one] == [1] * 4  # iteration 0 (eval), 1, 2, 3
+    assert [r["world_size"] for r in rows_two] == [2] * 4
+    # the run is not trivial: GVM allocated samples and the policy took steps
+    assert sum(sum(r.get("samples_per_prompt", [])) for r in rows_one) > 0
+    assert rows_one[-1]["total_optimizer_steps"] > 0
+    assert "eval_accuracy" in rows_one[-1]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith("time_") or key in ("wall_time", "world_size"):
+                continue
+            if key in EXACT_METRICS or not isinstance(a[key], float):
+                assert a[key] == b[key], key  # same allocation, same samples, same grades
+            else:  # float sums in another order
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6, nan_ok=True), key
+    assert max_abs_difference(final_weights(one), final_weights(two)) < 1e-5
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun's agent `launcher_pid` started."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent != launcher_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                ranks[int(entry[5:])] = int(stat.parent.name)
+    return ranks
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_and_a_rerun_resumes_to_the_same_weights(
+    trainer_runs, tmp_path
+):
+    import signal
+
+    out = tmp_path / "killed"
+    command = train_command("builtin-raftpp-gvm", out, 2)
+    job = subprocess.Popen(
+        command, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    state = out / "checkpoints" / "latest" / "state.json"
+    deadline = time.monotonic() + 400
+    while not state.exists() or '"iteration": 1' not in state.read_text():
+        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint of iteration 1"
+        time.sleep(0.2)
+    os.kill(worker_pids(job.pid)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - killed < 60, stderr[-2000:]
+    assert not (out / "final").exists()
+
+    run_training("builtin-raftpp-gvm", out, 2)  # the same command resumes
+    uninterrupted = trainer_runs["builtin-raftpp-gvm", 2]
+    assert max_abs_difference(final_weights(out), final_weights(uninterrupted)) < 1e-6
+    assert [r["iteration"] for r in metrics_rows(out)] == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
 # Single-process pieces
 
 
@@ -188,6 +343,10 @@ def test_row_token_weights_equal_token_weights_of_the_whole_batch(mode):
     expected = token_weights(packed.response_mask, mode, group)
     rows = row_token_weights([len(r) for r in responses], mode, group)
     assert torch.equal(packed.response_mask * rows[:, None], expected)
+
+
+def test_gather_rows_of_a_rank_without_rows():
+    assert gather_rows([], np.zeros((0, 2)), 0, SINGLE).shape == (0, 2)
 
 
 def test_gather_rows_rejects_a_row_given_twice_or_missing():

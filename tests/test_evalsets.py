@@ -88,7 +88,9 @@ def test_grader_accepts_each_reference_answer_boxed_and_rejects_a_wrong_one(name
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_from_the_repo_and_its_data_resolves(path, monkeypatch):
     monkeypatch.chdir(REPO)
-    config = load_config(path)
+    # Whether the vllm extra is installed is checked when a run starts (`gvmrl train`), not here:
+    # the GPU presets must load on a CPU-only clone too.
+    config = load_config(path, check_environment=False)
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
     fields = dict(
         preset=config.data.preset,

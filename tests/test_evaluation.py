@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gvmrl.builtin.model import BUILTIN_VERSION, builtin_model_config, builtin_tokenizer
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
 from gvmrl.cli import main
 from gvmrl.evaluation import evaluate, pass_at_k, pass_k_values
 from gvmrl.records import PromptRecord
@@ -52,14 +52,14 @@ def test_pass_k_values_are_powers_of_two_up_to_samples():
 
 
 class ScriptedEngine:
-    """Returns fixed responses per prompt text and records the sampling params of each call."""
+    """Returns fixed responses per prompt text and records the prompts and seeds of each call."""
 
     def __init__(self, responses: dict[str, list[str]]):
         self.responses = responses
-        self.calls: list[tuple[list[str], SamplingParams]] = []
+        self.calls: list[tuple[list[str], list[int] | None]] = []
 
-    def generate(self, prompts, num_samples, params):
-        self.calls.append((list(prompts), params))
+    def generate(self, prompts, num_samples, params, seeds=None):
+        self.calls.append((list(prompts), seeds))
         return [
             Sample(i, [1], [2] * (j + 1), self.responses[p][j], [0.0] * (j + 1), "stop")
             for i, (p, n) in enumerate(zip(prompts, num_samples))
@@ -89,15 +89,18 @@ def test_evaluate_aggregates_grades_per_prompt():
         }
     )
     with Grader(workers=0) as grader:
-        result = evaluate(
-            engine,
-            NoTemplate(),
-            records,
-            samples=4,
-            params=SamplingParams(seed=7),
-            grader=grader,
-            instruction=None,
-            prompts_per_call=2,
+        result, regrouped = (
+            evaluate(
+                engine,
+                NoTemplate(),
+                records,
+                samples=4,
+                params=SamplingParams(seed=7),
+                grader=grader,
+                instruction=None,
+                prompts_per_call=per_call,
+            )
+            for per_call in (2, 3)
         )
     assert [row["scores"] for row in result.rows] == [[1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]]
     assert [row["accept_rate"] for row in result.rows] == [0.5, 0.25, 1.0]
@@ -107,13 +110,18 @@ def test_evaluate_aggregates_grades_per_prompt():
     assert result.rows[0]["preds"][:3] == ["3", "3", "5"]
     assert result.mean_response_tokens == pytest.approx(2.5)
     assert result.truncated_fraction == 0.0
-    # two engine calls (2 prompts, then 1), seeded 7 and 8
-    assert [(len(p), params.seed) for p, params in engine.calls] == [(2, 7), (1, 8)]
+    # two engine calls (2 prompts, then 1), then one of 3; each sample's seed depends on its
+    # record and k, not on the grouping: both give the same 12 distinct seeds
+    assert [len(p) for p, _ in engine.calls] == [2, 1, 3]
+    split_seeds = engine.calls[0][1] + engine.calls[1][1]
+    assert engine.calls[2][1] == split_seeds
+    assert len(set(split_seeds)) == 12
+    assert regrouped.rows == result.rows
 
 
-def tiny_checkpoint(path: Path, *, builtin: bool = False) -> Path:
-    """Save the built-in architecture cut to 2 layers, random weights, as a checkpoint directory;
-    marked as the built-in model (prompts without instruction) only when `builtin`."""
+def tiny_checkpoint(path: Path) -> Path:
+    """Save the built-in architecture cut to 2 layers, random weights, as a checkpoint directory,
+    not marked as the built-in model (so prompts get the instruction)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -122,7 +130,7 @@ def tiny_checkpoint(path: Path, *, builtin: bool = False) -> Path:
     config.pop("layer_types")  # derived again from num_hidden_layers
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(
-        Qwen2Config.from_dict({**config, "num_hidden_layers": 2, "gvmrl_builtin": builtin})
+        Qwen2Config.from_dict({**config, "num_hidden_layers": 2, "gvmrl_builtin": False})
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -151,19 +159,25 @@ def test_evaluate_with_the_hf_engine_is_reproducible(tmp_path):
     engine = make_engine("hf", model, tokenizer)
     params = SamplingParams(max_new_tokens=6, seed=1)
     with Grader(workers=0) as grader:
-        runs = [
-            evaluate(
+
+        def run(subset=records, **options):
+            return evaluate(
                 engine,
                 tokenizer,
-                records,
+                subset,
                 samples=2,
                 params=params,
                 grader=grader,
                 instruction=None,
+                **options,
             )
-            for _ in range(2)
-        ]
+
+        runs = [run() for _ in range(2)]
+        one_per_call = run(prompts_per_call=1)  # the same samples, one prompt per engine call
+        tail = run(records[1:], first_record_index=1)  # a rank evaluating records 1-2 of the set
     assert runs[0].rows == runs[1].rows
+    assert one_per_call.rows == runs[0].rows
+    assert tail.rows == runs[0].rows[1:]
     assert [len(row["responses"]) for row in runs[0].rows] == [2, 2, 2]
     assert all(0 < n <= 6 for row in runs[0].rows for n in row["response_tokens"])
 
@@ -192,9 +206,7 @@ def test_eval_cli_writes_summary_and_rows(tmp_path):
         assert result["pass@1"] == pytest.approx(result["accuracy"])
 
 
-def test_eval_cli_builtin_model_defaults_to_no_instruction(tmp_path, monkeypatch):
-    monkeypatch.setenv("GVMRL_CACHE", str(tmp_path / "cache"))
-    tiny_checkpoint(tmp_path / "cache" / BUILTIN_VERSION, builtin=True)
+def test_eval_cli_builtin_model_defaults_to_no_instruction(tmp_path):
     output = tmp_path / "results.json"
     argv = [
         *("eval", "--model", "builtin", "--data", "builtin", "--limit", "3", "--samples", "1"),

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from gvmrl.builtin.model import builtin_tokenizer
+from gvmrl.distributed.dealing import sample_seeds
+from gvmrl.guards import NonFiniteError
 from gvmrl.rollout import ENGINES, SamplingParams, make_engine
-from gvmrl.rollout.base import check_request, cut_at_stop
-from gvmrl.rollout.hf import plan_batches, sampling_logprobs
+from gvmrl.rollout.base import check_request, cut_at_stop, request_seeds
+from gvmrl.rollout.hf import (
+    draw_tokens,
+    inverse_cdf,
+    plan_batches,
+    sampling_logprobs,
+    uniform_table,
+)
 
 PROMPTS = ["1+2=", "Compute (((3+5)*2)-4)", "x", "a=3; b=a*4; what is b?"]
 STOPS = ("7", "8", "9")  # as stop strings: ~3% of random draws end a response
@@ -142,6 +152,94 @@ def test_seed_makes_sampling_reproducible(model, tokenizer):
     assert [s.response_ids for s in first] != [s.response_ids for s in other]
 
 
+def test_a_samples_tokens_do_not_depend_on_the_batch_plan(model, tokenizer):
+    # Each sample draws from its own seed, so batching one sequence at a time or three, asking
+    # prompt by prompt, or asking for a subset of the samples alone gives the same samples.
+    params = SamplingParams(max_new_tokens=20, stop=STOPS, seed=5)
+    sizes = [3, 1, 0, 4]
+    seeds = request_seeds(sizes, params)
+    reference = make_engine("hf", model, tokenizer).generate(PROMPTS, sizes, params)
+    assert len({s.text for s in reference}) > 4  # samples of one prompt differ
+
+    def same(samples, expected):
+        assert [s.response_ids for s in samples] == [s.response_ids for s in expected]
+        assert [s.text for s in samples] == [s.text for s in expected]
+        for s, e in zip(samples, expected):
+            assert max(abs(a - b) for a, b in zip(s.logprobs, e.logprobs)) < 1e-5
+
+    for max_batch in (1, 3):
+        engine = make_engine("hf", model, tokenizer, max_batch_sequences=max_batch)
+        same(engine.generate(PROMPTS, sizes, params), reference)
+    engine = make_engine("hf", model, tokenizer, max_batch_sequences=2)
+    offsets = np.cumsum(sizes) - sizes
+    one_by_one = []
+    for i, n in enumerate(sizes):  # one call per prompt, with that prompt's seeds
+        one_by_one += engine.generate([PROMPTS[i]], [n], params, seeds[offsets[i] : offsets[i] + n])
+    same(one_by_one, reference)
+    # a rank asking for samples (0, 2), (3, 0), (3, 3) alone: the seeds of their global (i, k)
+    subset = engine.generate(
+        [PROMPTS[0], PROMPTS[3]], [1, 2], params, sample_seeds(5, [0, 3, 3], [2, 0, 3]).tolist()
+    )
+    same(subset, [reference[2], reference[4], reference[7]])
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    # Exact: N uniforms on a regular grid put exactly N x p_i draws on token i (probabilities
+    # that are multiples of 1/N), zero-probability tokens (the top-p cut) included.
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.15, 0.05, 0.0]])
+    n = 2000
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = inverse_cdf(probs.expand(n, -1), grid)
+    assert torch.bincount(tokens, minlength=6).tolist() == [1000, 0, 600, 300, 100, 0]
+    # the largest uniform below 1 (u x total can round to the total) draws the last positive one
+    assert inverse_cdf(probs, torch.tensor([1 - 2**-53], dtype=torch.float64)).item() == 4
+    # unnormalised rows are normalised by their own sum
+    assert inverse_cdf(torch.tensor([[2.0, 6.0]]), torch.tensor([0.26], dtype=torch.float64)) == 1
+
+
+def test_seeded_draws_follow_the_sampling_distribution():
+    # The whole draw: 20000 samples with distinct per-sample seeds from one fixed distribution
+    # (temperature 1, top-p 0.9 cuts the 0.05 token); Pearson chi-square against the nucleus.
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    seeds = sample_seeds(3, np.arange(n), 0).tolist()
+    params = SamplingParams(top_p=0.9)
+    tokens, logp = draw_tokens(p.log().expand(n, -1), params, uniform_table(seeds, 1, "cpu")[:, 0])
+    counts = torch.bincount(tokens, minlength=4).double()
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0], dtype=torch.float64) / 0.95 * n
+    assert counts[3] == 0  # outside the nucleus: never drawn
+    chi2 = float(((counts[:3] - expected[:3]) ** 2 / expected[:3]).sum())
+    assert chi2 < 13.8  # chi-square, 2 degrees of freedom, p = 0.001
+    torch.testing.assert_close(logp, (p / 0.95).log()[tokens])
+
+
+def test_non_finite_logits_raise_non_finite_error(model, tokenizer):
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
+    uniforms = torch.full((2,), 0.5, dtype=torch.float64)
+    for params in (SamplingParams(), SamplingParams(temperature=0.0)):
+        with pytest.raises(NonFiniteError, match="logits hold NaN or inf"):
+            draw_tokens(logits, params, uniforms)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.norm.weight[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="logits hold NaN or inf"):
+        make_engine("hf", broken, tokenizer).generate(PROMPTS[:1], [2], SamplingParams(seed=0))
+
+
+def test_request_seeds_checks_explicit_seeds():
+    params = SamplingParams(seed=1)
+    assert request_seeds([2, 0, 1], params) == sample_seeds(1, [0, 0, 2], [0, 1, 0]).tolist()
+    assert request_seeds([1, 1], params, [4, 5]) == [4, 5]
+    with pytest.raises(ValueError, match="2 seeds for 3 requested samples"):
+        request_seeds([2, 1], params, [1, 2])
+    with pytest.raises(ValueError, match=r"\[0, 2\^64\)"):
+        request_seeds([1], params, [-1])
+    torch.manual_seed(0)
+    unseeded = request_seeds([2], SamplingParams())
+    torch.manual_seed(0)
+    assert request_seeds([2], SamplingParams()) == unseeded  # the global RNG decides
+
+
 def test_greedy_is_independent_of_batching(model, tokenizer):
     # Left padding and dropping finished rows must not change what a sequence sees: greedy
     # decoding one sequence per batch and all in one batch give the same tokens.
@@ -177,6 +275,8 @@ def test_zero_samples_and_bad_requests(model, tokenizer):
         make_engine("nope", model, tokenizer)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="seed must be in"):
+        SamplingParams(seed=-1)
 
 
 def test_sync_weights_samples_from_the_new_model(model, tokenizer):

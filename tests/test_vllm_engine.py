@@ -42,6 +42,7 @@ class FakeLLM:
     """Records calls; `generate` returns one completion per requested sample."""
 
     instances: list[FakeLLM] = []
+    second_logprob = -0.25
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -68,6 +69,7 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append(("generate", len(prompts)))
+        self.requests = list(zip(prompts, params))
         outputs = []
         for p in params:
             completions = [
@@ -77,7 +79,7 @@ class FakeLLM:
                     text="ab",
                     logprobs=[
                         {10: types.SimpleNamespace(logprob=-0.5)},
-                        {11: types.SimpleNamespace(logprob=-0.25)},
+                        {11: types.SimpleNamespace(logprob=FakeLLM.second_logprob)},
                     ],
                     finish_reason="stop",
                 )
@@ -151,7 +153,7 @@ def test_sleep_after_each_rollout_and_weights_reloaded_after_wake_up(
         ("apply_model",),  # weights reloaded before the KV cache comes back
         ("wake_up", ("kv_cache",)),
         ("reset_prefix_cache",),
-        ("generate", 2),
+        ("generate", 3),  # one request per sample
         ("sleep", level),
     ]
     torch.testing.assert_close(
@@ -222,3 +224,32 @@ def test_missing_vllm_fails_at_validation_naming_the_extra(monkeypatch):
         load_config(None, VLLM_RUN)
     # gvmrl plan estimates a vLLM run's memory without vllm installed
     assert load_config(None, VLLM_RUN, check_environment=False).rollout.engine == "vllm"
+
+
+def test_one_request_per_sample_with_its_own_seed(fake_vllm, model_and_tokenizer):
+    from gvmrl.rollout.base import request_seeds
+
+    model, tokenizer = model_and_tokenizer
+    engine = make_engine("vllm", model, tokenizer, model_path="/ckpt", sleep_level=None)
+    (llm,) = FakeLLM.instances
+    params = SamplingParams(seed=4)
+    samples = engine.generate(["ab", "c", "d"], [2, 0, 1], params)
+    assert [s.prompt_index for s in samples] == [0, 0, 2]
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in ("ab", "ab", "d")]
+    assert [prompt["prompt_token_ids"] for prompt, _ in llm.requests] == ids
+    assert [p.n for _, p in llm.requests] == [1, 1, 1]
+    expected = [s & (2**63 - 1) for s in request_seeds([2, 0, 1], params)]
+    assert [p.seed for _, p in llm.requests] == expected
+    assert len(set(expected)) == 3
+    engine.generate(["ab"], [2], params, seeds=[2**64 - 1, 9])  # explicit seeds win
+    assert [p.seed for _, p in llm.requests] == [2**63 - 1, 9]
+
+
+def test_nan_logprobs_raise_non_finite_error(fake_vllm, model_and_tokenizer, monkeypatch):
+    from gvmrl.guards import NonFiniteError
+
+    model, tokenizer = model_and_tokenizer
+    engine = make_engine("vllm", model, tokenizer, model_path="/ckpt", sleep_level=None)
+    monkeypatch.setattr(FakeLLM, "second_logprob", float("nan"))
+    with pytest.raises(NonFiniteError, match="NaN log-probs"):
+        engine.generate(["ab"], [1], SamplingParams(seed=0))

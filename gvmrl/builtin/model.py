@@ -2,9 +2,10 @@
 
 It is what runs everywhere without downloads: the tokenizer is built with `tokenizers`, the
 model is a Qwen2 of hidden size 128, 4 layers, 4 heads, MLP 512 and tied embeddings (2 layers
-learned only 1-2-step chains). Its weights come from `gvmrl.builtin.pretrain` and are cached under
-`cache_root()` (`$GVMRL_CACHE`, default `~/.cache/gvmrl`) as `BUILTIN_VERSION`, a normal Hugging
-Face checkpoint directory that `from_pretrained` loads.
+learned only 1-2-step chains). Its pretrained weights ship with the package (`builtin_checkpoint()`,
+a normal Hugging Face checkpoint directory that `from_pretrained` loads), so every machine starts
+from the same weights: pretraining on each machine gave different weights (float round-off differs
+between CPUs) and so different runs from them. `gvmrl.builtin.pretrain` rebuilds them.
 
 Prompts for the built-in model use no instruction (`format_prompt(tok, problem, None)`): a
 character-level model pays one token per character, and the 70-character instruction would
@@ -13,7 +14,6 @@ double the sequence length without telling it anything its training did not.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config
 
 BUILTIN = "builtin"
-BUILTIN_VERSION = "builtin-v2"  # bump when the task, tokenizer, architecture or warm start changes
 
 PAD, END, UNK = "<|pad|>", "<|end|>", "<|unk|>"
 ROLE_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -95,6 +94,7 @@ def builtin_model_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
     )
 
 
-def cache_root() -> Path:
-    """`$GVMRL_CACHE`, else `~/.cache/gvmrl`."""
-    return Path(os.environ.get("GVMRL_CACHE") or Path.home() / ".cache" / "gvmrl")
+def builtin_checkpoint() -> Path:
+    """The shipped checkpoint directory of the built-in model (package data; written by
+    `gvmrl pretrain` with its defaults). Replace its files to ship a rebuilt model."""
+    return Path(__file__).with_name("weights")

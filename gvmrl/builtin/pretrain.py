@@ -1,4 +1,4 @@
-"""Supervised warm start of the built-in tiny model on the built-in task, and its cache.
+"""Supervised warm start of the built-in tiny model on the built-in task.
 
 RL needs a policy that already solves some prompts: with accept rate 0 everywhere there is no
 signal, with 1 everywhere nothing to learn. A short supervised run on worked solutions puts the
@@ -16,7 +16,6 @@ CPU cores ~1.5x faster than one padded batch).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,15 +23,10 @@ from pathlib import Path
 import torch
 
 from gvmrl.batching import micro_batches, pack_sequences, token_logprobs
-from gvmrl.builtin.model import (
-    BUILTIN_VERSION,
-    builtin_model_config,
-    builtin_tokenizer,
-    cache_root,
-)
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
 from gvmrl.builtin.task import TaskProblem, builtin_problems
 from gvmrl.data import format_prompt
-from gvmrl.io import atomic_directory, recover_directory, write_json
+from gvmrl.io import atomic_directory, write_json
 from gvmrl.losses import aggregate, raft_loss, token_weights
 from gvmrl.progress import Progress
 from gvmrl.schedule import lr_scheduler
@@ -175,29 +169,3 @@ def pretrain(
         write_json(tmp / "pretrain.json", metrics)
     return metrics
 
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
-
-
-def builtin_checkpoint(*, build: bool = True, progress: bool = True) -> Path:
-    """The cached built-in checkpoint directory, pretraining it on first use (a few CPU minutes).
-
-    Built by `pretrain` into a temporary directory renamed into place, under a file lock, so
-    concurrent callers wait for one build instead of racing. `build=False` raises
-    FileNotFoundError instead of building.
-    """
-    path = cache_root() / BUILTIN_VERSION
-    recover_directory(path)
-    if _is_checkpoint(path):
-        return path
-    if not build:
-        raise FileNotFoundError(
-            f"{path}: no built-in checkpoint; run `gvmrl pretrain --output {path}`"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{BUILTIN_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not _is_checkpoint(path):  # another process may have built it while we waited
-            pretrain(path, progress=progress)
-    return path

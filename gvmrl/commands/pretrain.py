@@ -1,7 +1,8 @@
 """`gvmrl pretrain`: supervised warm start of the built-in tiny model (a few CPU minutes).
 
-The result is a normal Hugging Face checkpoint directory; `--output` defaults to the cache
-location that `--model builtin` uses, so `gvmrl pretrain` alone (re)builds the built-in model.
+The result is a normal Hugging Face checkpoint directory in `--output`: train from it with
+`model: DIR` (`--set model=DIR`), evaluate it with `gvmrl eval --model DIR`. `model: builtin` stays
+the checkpoint shipped with the package (built by this command with its defaults).
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--output", type=Path, help="checkpoint directory (default: the built-in model's cache)"
+        "--output",
+        type=Path,
+        required=True,
+        help="checkpoint directory to write; use it with `--set model=DIR` (gvmrl train, demo) "
+        "or `--model DIR` (gvmrl eval); `model: builtin` stays the shipped checkpoint",
     )
     parser.add_argument(
         "--steps",
@@ -38,7 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gvmrl.io import InputError
-    from gvmrl.builtin.model import BUILTIN_VERSION, cache_root
     from gvmrl.builtin.pretrain import DEFAULT_STEPS, MIN_LR_RATIO, pretrain
 
     steps = DEFAULT_STEPS if args.steps is None else args.steps
@@ -47,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(flag, None, "must be >= 1")
     if args.min_lr_ratio is not None and not 0 <= args.min_lr_ratio <= 1:
         raise InputError("--min-lr-ratio", None, "must be in [0, 1]")
-    output = args.output or cache_root() / BUILTIN_VERSION
     metrics = pretrain(
-        output,
+        args.output,
         steps=steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -58,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(json.dumps(metrics, indent=2))
-    print(f"saved checkpoint to {output}")
+    print(f"saved checkpoint to {args.output}; train from it with --set model={args.output}")
     return 0

@@ -30,11 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gvmrl.checkpoint import clear_run
     from gvmrl.config import load_config
+    from gvmrl.distributed.context import launch_environment
     from gvmrl.io import check_output_dir
 
     config = load_config(args.config, args.overrides)  # ConfigError: one line, exit 2 (gvmrl.cli)
     check_output_dir(args.output_dir)
-    if args.restart:
+    launch = launch_environment()  # None: one process; else this rank of a torchrun job
+    main = launch is None or launch[0] == 0
+    if args.restart and main:  # the other ranks wait for rank 0 to look for a checkpoint
         clear_run(args.output_dir)
 
     from gvmrl.train import train
@@ -44,5 +47,6 @@ def run(args: argparse.Namespace) -> int:
         done = f"finished iteration {metrics['iteration']}"
     else:  # nothing was left to train
         done = f"nothing to train: the run already finished its {config.iterations} iterations"
-    print(f"{done}; outputs in {args.output_dir}", file=sys.stderr)
+    if main:
+        print(f"{done}; outputs in {args.output_dir}", file=sys.stderr)
     return 0

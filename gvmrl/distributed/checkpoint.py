@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from gvmrl.checkpoint import STATE_FILE, CheckpointError, _rng_state, _set_rng_state, read_state
@@ -46,23 +51,20 @@ def shared_atomic_directory(path: str | Path, context: ProcessContext) -> Iterat
     context.barrier()  # rank 0 has renamed it
 
 
-def latest_sharded_checkpoint(output_dir: str | Path, context: ProcessContext) -> Path | None:
-    """The run's latest complete sharded checkpoint, or None, on every rank. Rank 0 alone repairs
-    what a kill left (an interrupted rename, temporary directories) and checks the files."""
-    found = None
-    if context.is_main:
-        checkpoints = Path(output_dir) / "checkpoints"
-        path = checkpoints / "latest"
-        recover_directory(path)
-        remove_stale_temporaries(checkpoints, ["latest"])
-        if path.exists():
-            read_state(path)
-            for needed in (path / SHARDED_DIR / ".metadata", path / SCHEDULER_FILE):
-                if not needed.is_file():
-                    raise CheckpointError(needed, "missing: the checkpoint is incomplete")
-            found = str(path)
-    found = context.broadcast_object(found)
-    return None if found is None else Path(found)
+def find_sharded_checkpoint(output_dir: str | Path) -> Path | None:
+    """The run's latest complete sharded checkpoint, or None, for rank 0 alone: it repairs what a
+    kill left (an interrupted rename, temporary directories) and checks the files."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    path = checkpoints / "latest"
+    recover_directory(path)
+    remove_stale_temporaries(checkpoints, ["latest"])
+    if not path.exists():
+        return None
+    read_state(path)
+    for needed in (path / SHARDED_DIR / ".metadata", path / SCHEDULER_FILE):
+        if not needed.is_file():
+            raise CheckpointError(needed, "missing: the checkpoint is incomplete")
+    return path
 
 
 def _refuse_non_finite(model: torch.nn.Module, context: ProcessContext) -> None:
@@ -96,9 +98,8 @@ def save_sharded_checkpoint(
     """Write the run's state as one unit (a collective: every rank calls it)."""
     _refuse_non_finite(model, context)
     path = Path(output_dir) / "checkpoints" / "latest"
-    model_state, optimizer_state = get_state_dict(model, optimizer)
     with shared_atomic_directory(path, context) as tmp:
-        sharded = {"model": model_state, "optimizer": optimizer_state}
+        sharded = _state_to_save(model, optimizer)
         dcp.save(sharded, checkpoint_id=tmp / SHARDED_DIR)
         torch.save(_rng_state(), tmp / f"rng-{context.rank}.pt")
         if context.is_main:
@@ -107,6 +108,16 @@ def save_sharded_checkpoint(
             torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return path
+
+
+def _state_to_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and, once it has taken a step, the optimizer's sharded state. Before the first
+    step the optimizer is left out: `get_state_dict` would fill an empty optimizer's state by
+    taking a zero step, and the AdamW step count it leaves would change every later update."""
+    if not optimizer.state:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def load_sharded_checkpoint(
@@ -120,12 +131,18 @@ def load_sharded_checkpoint(
     """Restore model, optimizer, scheduler and this rank's RNG in place (a collective); return
     the saved `state`. A rank without a saved RNG state (a larger world now) keeps its own."""
     checkpoint = Path(checkpoint)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    loaded = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(loaded, checkpoint_id=checkpoint / SHARDED_DIR)
-    set_state_dict(
-        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
-    )
+    saved_keys = dcp.FileSystemReader(checkpoint / SHARDED_DIR).read_metadata().state_dict_metadata
+    if any(key.startswith("optimizer.") for key in saved_keys):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(loaded, checkpoint_id=checkpoint / SHARDED_DIR)
+        set_state_dict(
+            model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+        )
+    else:  # saved before the first optimizer step: the optimizer stays fresh
+        loaded = {"model": get_model_state_dict(model)}
+        dcp.load(loaded, checkpoint_id=checkpoint / SHARDED_DIR)
+        set_model_state_dict(model, loaded["model"])
     saved = torch.load(checkpoint / SCHEDULER_FILE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(saved["scheduler"])
     rng = checkpoint / f"rng-{rank}.pt"

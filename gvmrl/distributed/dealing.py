@@ -39,6 +39,14 @@ def sample_seeds(base_seed: int, prompt_index, sample_index) -> np.ndarray:
         return _splitmix64(h ^ samples.astype(np.uint64))
 
 
+def sample_indices(sizes) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt index, sample index k) of every sample (i, k), k < sizes[i], in the canonical
+    prompt-then-sample order: two (sum(sizes),) int64 arrays."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    prompt = np.repeat(np.arange(sizes.size), sizes)
+    return prompt, np.arange(prompt.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
 def _least_loaded(costs: np.ndarray, world: int) -> np.ndarray:
     """Owner rank of each item: largest first (stable), each to the rank with the least load so
     far (lowest rank on ties). Any rank's load then exceeds any other's by at most one item."""
@@ -78,9 +86,7 @@ def deal_samples(sizes, expected_tokens, world: int) -> list[np.ndarray]:
         )
     if (sizes < 0).any() or not np.isfinite(tokens).all() or (tokens < 0).any():
         raise ValueError("sizes must be >= 0 and expected_tokens finite and >= 0")
-    sizes = sizes.astype(np.int64)
-    prompt = np.repeat(np.arange(sizes.size), sizes)  # (N,) canonical order: prompt, then k
-    k = np.arange(prompt.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    prompt, k = sample_indices(sizes)  # (N,) each, canonical order: prompt, then k
     owner = _least_loaded(tokens[prompt], world)
     pairs = np.stack([prompt, k], axis=1)
     return [pairs[owner == r] for r in range(world)]

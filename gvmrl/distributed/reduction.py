@@ -43,7 +43,9 @@ def gather_rows(index, rows, total: int, context: ProcessContext) -> np.ndarray:
         total: number of global rows.
     """
     index = np.asarray(index, dtype=np.int64)
-    rows = np.asarray(rows, dtype=np.float64).reshape(index.size, -1)
+    rows = np.asarray(rows, dtype=np.float64)
+    # a rank with no rows gives (0, C); reshape(0, -1) cannot infer C
+    rows = rows.reshape(index.size, -1) if index.size else rows.reshape(0, rows.shape[-1])
     if index.size and not (0 <= index.min() and index.max() < total):
         raise ValueError(f"row indices must be in [0, {total})")
     table = np.zeros((total, rows.shape[1] + 1))
@@ -55,6 +57,12 @@ def gather_rows(index, rows, total: int, context: ProcessContext) -> np.ndarray:
         bad = int(np.flatnonzero(claims != 1)[0])
         raise ValueError(f"global row {bad} is given by {int(claims[bad])} rows instead of one")
     return summed[:, :-1]
+
+
+def sum_over_ranks(values: list[float], context: ProcessContext) -> list[float]:
+    """Element-wise float64 sums of every rank's `values` (one process: `values`)."""
+    summed = _all_reduce(torch.tensor(values, dtype=torch.float64), context, dist.ReduceOp.SUM)
+    return summed.tolist()
 
 
 def max_over_ranks(value: int, context: ProcessContext) -> int:

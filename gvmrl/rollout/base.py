@@ -31,7 +31,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Strings that end a response (kept in it, nothing after), besides the EOS token(s)."""
     seed: int | None = None
-    """Seed for reproducible sampling; None draws from the global RNG."""
+    """Base seed of the request: sample k of prompt i gets `sample_seeds(seed, i, k)`, unless
+    generate() is given explicit per-sample seeds; None draws the base from torch's global RNG."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -42,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
 
 
 @dataclass
@@ -65,9 +68,18 @@ class RolloutEngine(Protocol):
     """What the trainer and the evaluator need from a sampler."""
 
     def generate(
-        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
+        self,
+        prompts: Sequence[str],
+        num_samples: Sequence[int],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[Sample]:
-        """Samples ordered by prompt then sample; num_samples[i] == 0 gives none for prompt i."""
+        """Samples ordered by prompt then sample; num_samples[i] == 0 gives none for prompt i.
+
+        `seeds`: one per requested sample, in prompt-then-sample order (default:
+        `request_seeds`). A sample's tokens depend only on its prompt, its seed and the weights,
+        never on the other samples of the request or how the engine batches them.
+        """
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -105,6 +117,34 @@ def check_request(prompts: Sequence[str], num_samples: Sequence[int]) -> None:
         )
     if any(n < 0 for n in num_samples):
         raise ValueError("sample counts must be >= 0")
+
+
+def request_seeds(
+    num_samples: Sequence[int], params: SamplingParams, seeds: Sequence[int] | None = None
+) -> list[int]:
+    """The seed of each requested sample, in prompt-then-sample order.
+
+    Explicit `seeds` are checked and returned; otherwise sample k of prompt i gets
+    `dealing.sample_seeds(params.seed, i, k)`, the seed a distributed run gives it from its
+    global (prompt, k), so a plain run and a K-rank run draw the same samples. Without a
+    `params.seed` the base seed comes from torch's global RNG (`torch.manual_seed` fixes it).
+    """
+    from gvmrl.distributed.dealing import sample_indices, sample_seeds
+
+    total = sum(num_samples)
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != total:
+            raise ValueError(f"got {len(seeds)} seeds for {total} requested samples")
+        if any(not 0 <= s < 2**64 for s in seeds):
+            raise ValueError("seeds must be in [0, 2^64)")
+        return seeds
+    base = params.seed
+    if base is None:
+        import torch
+
+        base = int(torch.randint(0, 2**62, (1,)).item())
+    return [int(x) for x in sample_seeds(base, *sample_indices(num_samples))]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:

@@ -10,9 +10,13 @@ Measured with `bench/rollout.py --threads 1` (512 sequences, 64 prompts x 8, bui
 architecture with random weights, mean response 39 tokens, on a shared 2-core CPU, so noisy):
 this loop 4.3k response tokens per CPU-second, `model.generate` 2.0k.
 
-Randomness: one `torch.Generator` seeded from `SamplingParams.seed` drives every draw, and the
-batch plan depends only on the request, so equal requests with a seed give equal samples on the
-same device.
+Randomness: each sample has its own seed (`base.request_seeds`: from its (prompt, k), or given
+by the caller), which fills its own table of uniforms on the CPU, one per decode step; step t
+draws the token where u_t falls in the float64 cumulative distribution of that row (inverse
+CDF). So a sample's tokens do not depend on which other samples share its batch, how the
+request is split into batches, or which rank draws it: only on its prompt, seed and weights
+(up to float rounding of the logits under another batch shape, which moves a draw only when
+u_t lies within that rounding of a CDF boundary).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from gvmrl.guards import NonFiniteError
 from gvmrl.rollout.base import (
     Sample,
     SamplingParams,
     check_request,
     cut_at_stop,
     eos_token_ids,
+    request_seeds,
 )
 
 # Drop finished rows from the KV cache once they are this share of the rows still in it: each
@@ -63,18 +69,52 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
     return torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
 
 
-def draw_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (tokens (N,), their log-probs (N,) under the sampler).
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(N,) index of the token row r draws with uniform u_r in [0, 1): the first token whose
+    cumulative probability exceeds u_r x (row total), summed in float64 (a float32 sum over a
+    150k vocabulary drifts by ~1e-4). Zero-probability tokens are never drawn.
 
-    Temperature 0 is greedy: the argmax with log-prob 0 (a point mass).
+    Args:
+        probs: (N, V) non-negative, each row with a positive sum.
+        uniforms: (N,) float64 in [0, 1).
     """
+    cdf = probs.double().cumsum(dim=-1)  # (N, V), non-decreasing
+    total = cdf[:, -1:]  # (N, 1)
+    # below the total, so the first cdf entry above it has positive probability (u x total can
+    # round up to the total when u is within 2^-53 of 1)
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def uniform_table(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
+    """(len(seeds), steps) float64 uniforms in [0, 1); row r from a CPU generator seeded
+    seeds[r], so it is the same on every device and in every batch."""
+    rows = [
+        torch.rand(steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for seed in seeds
+    ]
+    return torch.stack(rows).to(device)
+
+
+def draw_tokens(
+    logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row with its uniform (N,); return (tokens (N,), their log-probs (N,)
+    under the sampler). Temperature 0 is greedy: the argmax with log-prob 0 (a point mass).
+
+    Raises NonFiniteError when a row's logits hold NaN or inf: no distribution to draw from.
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(
+            "rollout: the policy's next-token logits hold NaN or inf, so no token can be drawn; "
+            "its weights are not finite (a diverged update: lower optim.lr) or the checkpoint "
+            "is damaged"
+        )
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     logp = sampling_logprobs(logits, params.temperature, params.top_p)  # (N, V)
-    tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (N,)
+    tokens = inverse_cdf(logp.exp(), uniforms)  # (N,)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -141,18 +181,21 @@ class HFEngine:
         self.model = model
 
     def generate(
-        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
+        self,
+        prompts: Sequence[str],
+        num_samples: Sequence[int],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[Sample]:
-        """Samples ordered by prompt then sample; num_samples[i] == 0 gives none for prompt i."""
+        """Samples ordered by prompt then sample; num_samples[i] == 0 gives none for prompt i.
+        `seeds`: one per sample (`base.RolloutEngine.generate`)."""
         check_request(prompts, num_samples)
+        seeds = request_seeds(num_samples, params, seeds)
         prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         if any(not ids for ids in prompt_ids):
             raise ValueError("a prompt encodes to zero tokens")
         owners = [i for i, n in enumerate(num_samples) for _ in range(n)]  # prompt of each seq
         device = next(self.model.parameters()).device
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
         results: list[tuple[list[int], list[float], str] | None] = [None] * len(owners)
         was_training = self.model.training
         self.model.eval()
@@ -165,7 +208,9 @@ class HFEngine:
                     self.max_batch_tokens,
                 ):
                     rows = [prompt_ids[owners[s]] for s in batch]
-                    for s, result in zip(batch, self._decode(rows, params, generator, device)):
+                    steps = params.max_new_tokens
+                    uniforms = uniform_table([seeds[s] for s in batch], steps, device)
+                    for s, result in zip(batch, self._decode(rows, params, uniforms, device)):
                         results[s] = result
         finally:
             self.model.train(was_training)
@@ -183,10 +228,11 @@ class HFEngine:
         self,
         rows: list[list[int]],
         params: SamplingParams,
-        generator: torch.Generator | None,
+        uniforms: torch.Tensor,
         device: torch.device,
     ) -> list[tuple[list[int], list[float], str]]:
-        """Decode one batch; per row return (response ids, their log-probs, finish reason)."""
+        """Decode one batch, row r drawing step t with uniforms[r, t] ((R, M)); per row return
+        (response ids, their log-probs, finish reason)."""
         R, M = len(rows), params.max_new_tokens  # rows, most new tokens
         # Samples of one prompt are adjacent (plan_batches keeps their order): prefill each
         # distinct prompt once and copy its KV cache to its samples.
@@ -226,7 +272,7 @@ class HFEngine:
         in_cache = torch.arange(R, device=device)  # batch row of each cache row
         eos = torch.tensor(sorted(self.eos_ids), device=device)
         for step in range(M):
-            tokens, token_logp = draw_tokens(logits, params, generator)  # (C,), (C,)
+            tokens, token_logp = draw_tokens(logits, params, uniforms[in_cache, step])  # (C,)
             live = ~done[in_cache]  # (C,)
             # Cache rows of finished sequences (kept until the next compaction) decode padding
             # that is written past their length and never read.

@@ -23,9 +23,11 @@ Log-probs: the engine is created with `logprobs_mode="processed_logprobs"` (vLLM
 the returned log-probs are those of the distribution after temperature and top-p, the one the
 tokens were drawn from, as the HF engine returns (vLLM's default is the raw model's).
 
-Seeding: prompt i samples with seed + i (its n samples then differ from each other, and equal
-prompts at different indices get different samples). vLLM is not bit-reproducible across batch
-compositions on a GPU; equal requests with a seed give equal samples in practice.
+Seeding: every sample is its own request (n=1) with its own `seed` (`base.request_seeds`: from
+its (prompt, k), or given by the caller), so which samples are drawn does not depend on how the
+request is grouped or dealt to ranks; the prefix cache computes each prompt once for its
+samples. vLLM is not bit-reproducible across batch compositions on a GPU (batch-dependent
+kernels), so equal seeds give equal samples in practice, not bit for bit.
 
 Without CUDA and vllm this module is tested against a stand-in `vllm` module
 (tests/test_vllm_engine.py) that records the calls; tests/test_rollout.py runs the real engine
@@ -36,17 +38,26 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gvmrl.rollout.base import Sample, SamplingParams, check_request, eos_token_ids
+from gvmrl.guards import NonFiniteError
+from gvmrl.rollout.base import (
+    Sample,
+    SamplingParams,
+    check_request,
+    eos_token_ids,
+    request_seeds,
+)
 
 if TYPE_CHECKING:
     from gvmrl.config import TrainConfig
 
+_INT63 = 2**63 - 1
 INSTALL_HINT = "install the extra: pip install -c constraints/vllm.txt 'gvmrl[vllm]'"
 # vllm.LLM arguments gvmrl sets from its own config keys; `rollout.vllm.options` may not set them.
 MANAGED_OPTIONS = {
@@ -185,24 +196,30 @@ class VLLMEngine:
             self._load_weights()
 
     def generate(
-        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
+        self,
+        prompts: Sequence[str],
+        num_samples: Sequence[int],
+        params: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[Sample]:
-        """Samples ordered by prompt then sample; num_samples[i] == 0 gives none for prompt i."""
+        """Samples ordered by prompt then sample; num_samples[i] == 0 gives none for prompt i.
+        `seeds`: one per sample (`base.RolloutEngine.generate`)."""
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
         check_request(prompts, num_samples)
-        requested = [i for i, n in enumerate(num_samples) if n > 0]
+        seeds = request_seeds(num_samples, params, seeds)
+        owners = [i for i, n in enumerate(num_samples) for _ in range(n)]  # prompt of each sample
         prompt_ids = {
-            i: self.tokenizer.encode(prompts[i], add_special_tokens=False) for i in requested
+            i: self.tokenizer.encode(prompts[i], add_special_tokens=False) for i in set(owners)
         }
         self._wake()
         try:
             outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in requested],
+                [TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in owners],
                 [
                     VLLMSamplingParams(
-                        n=num_samples[i],
+                        n=1,
                         temperature=params.temperature,
                         top_p=params.top_p,
                         max_tokens=params.max_new_tokens,
@@ -210,30 +227,36 @@ class VLLMEngine:
                         stop_token_ids=self.eos_ids,
                         include_stop_str_in_output=True,  # text ends with the stop string, as HF
                         skip_special_tokens=True,
-                        seed=None if params.seed is None else params.seed + i,
+                        seed=seed & _INT63,  # fits int64 seed tensors
                         logprobs=0,  # the sampled token's log-prob only
                     )
-                    for i in requested
+                    for seed in seeds
                 ],
                 use_tqdm=False,
             )
         finally:
             self._sleep()
         samples = []
-        for i, output in zip(requested, outputs):
-            for completion in sorted(output.outputs, key=lambda c: c.index):
-                token_ids = list(completion.token_ids)
-                steps = completion.logprobs  # per token: {token id: Logprob}
-                samples.append(
-                    Sample(
-                        prompt_index=i,
-                        prompt_ids=prompt_ids[i],
-                        response_ids=token_ids,
-                        text=completion.text,
-                        logprobs=[step[t].logprob for t, step in zip(token_ids, steps)],
-                        finish_reason="length" if completion.finish_reason == "length" else "stop",
-                    )
+        for i, output in zip(owners, outputs):
+            (completion,) = output.outputs
+            token_ids = list(completion.token_ids)
+            steps = completion.logprobs  # per token: {token id: Logprob}
+            logprobs = [step[t].logprob for t, step in zip(token_ids, steps)]
+            if any(math.isnan(lp) for lp in logprobs):
+                raise NonFiniteError(
+                    "rollout: vLLM returned NaN log-probs: the policy's logits are not finite "
+                    "(a diverged update: lower optim.lr) or the checkpoint is damaged"
                 )
+            samples.append(
+                Sample(
+                    prompt_index=i,
+                    prompt_ids=prompt_ids[i],
+                    response_ids=token_ids,
+                    text=completion.text,
+                    logprobs=logprobs,
+                    finish_reason="length" if completion.finish_reason == "length" else "stop",
+                )
+            )
         return samples
 
     def _load_weights(self, *, reset_cache: bool = True) -> None:

@@ -1,0 +1,203 @@
+"""What the trainer wires in from other modules: prompts checked against the model's context at
+load, pi_old recomputed or taken from the rollout (with the TIS weight), micro-batching by a
+token budget, precision and gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_vllm_engine import FakeLLM, fake_vllm  # noqa: F401 (fixture)
+
+from gvmrl.activation_checkpointing import is_gradient_checkpointing
+from gvmrl.cli import main
+from gvmrl.config import load_config
+from gvmrl.rewards import REWARDS
+from gvmrl.train import Trainer
+
+LONG_PROBLEM = "1+" * 600 + "1"  # ~1200 characters: far past the built-in model's 512 positions
+
+
+def builtin_run(*extra: str) -> list[str]:
+    return [
+        "model=builtin",
+        "train_data=builtin:train",
+        "eval_data=null",
+        "prompts_per_iteration=4",
+        "samples_per_prompt=4",
+        "rollout.max_new_tokens=24",
+        "update.minibatch_size=4",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "threads=1",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def prompts_with_two_overlong(tmp_path):
+    rows = [{"id": f"p{i}", "problem": f"{i}+{i}", "answer": str(2 * i)} for i in range(8)]
+    rows[3] = {"id": "long-a", "problem": LONG_PROBLEM, "answer": "601"}
+    rows[6] = {"id": "long-b", "problem": LONG_PROBLEM + "+1", "answer": "602"}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_overlong_prompts_are_skipped_and_counted_at_load(
+    tmp_path, prompts_with_two_overlong, capsys
+):
+    data = prompts_with_two_overlong
+    config = load_config(None, builtin_run(f"train_data={data}", f"eval_data={data}"))
+    trainer = Trainer(config, tmp_path / "run")
+    kept = [r.id for r in trainer.stream.records]
+    assert len(kept) == 6 and "long-a" not in kept and "long-b" not in kept
+    assert [r.id for r in trainer.eval_records] == kept
+    err = capsys.readouterr().err
+    # 512 positions - 24 new tokens leave 488 for the prompt; one line per split
+    assert f"skipped 2 train prompts of {data} longer than 488 tokens" in err
+    assert f"skipped 2 test prompts of {data} longer than 488 tokens" in err
+
+
+def test_overlong_error_stops_before_anything_is_written(
+    tmp_path, prompts_with_two_overlong, capsys
+):
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out)]
+    for override in builtin_run(f"train_data={prompts_with_two_overlong}", "data.overlong=error"):
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(str(prompts_with_two_overlong)) and "'long-a'" in err
+    assert not out.exists() or not any(out.iterdir())  # no config.yaml, no metrics
+
+
+def _update_gradient(trainer: Trainer, rollouts) -> tuple[float, dict[str, torch.Tensor]]:
+    """The M-step's loss and the gradient its one optimizer step would apply."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture():  # stands in for optimizer.step
+        captured.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        )
+
+    trainer.optimizer.step = capture
+    metrics = trainer.update(rollouts, iteration=1)
+    assert metrics["optimizer_steps"] == 1 and metrics["skipped_steps"] == 0
+    return metrics["loss"], captured
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_pi_old_recomputed_or_from_the_hf_rollout_gives_the_same_update(tmp_path):
+    """The HF engine samples from the training weights, so its log-probs are pi_old: recomputing
+    them (in token-budget micro-batches or not), taking them from the rollout, and the TIS weight
+    (1 when the two agree) all give the same loss and gradient, up to round-off."""
+    settings = {
+        "rollout": ["loss.old_logprobs=rollout"],
+        "recompute": ["loss.old_logprobs=recompute"],
+        "recompute-by-tokens": ["update.max_tokens_per_micro_batch=150"],
+        "recompute-tis": ["loss.tis_cap=2.0"],
+    }
+    common = ["algorithm=grpo", "optim.grad_clip=0"]
+    rollouts = None
+    results = {}
+    for name, extra in settings.items():
+        trainer = Trainer(load_config(None, builtin_run(*common, *extra)), tmp_path / name)
+        if rollouts is None:
+            prompts = trainer.stream.batch(1)
+            rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=1)
+            # hand-assigned rewards: every group mixed, so every sample carries a gradient
+            rollouts.scores = (np.arange(len(rollouts.samples)) % 2).astype(np.float64)
+        results[name] = _update_gradient(trainer, rollouts)
+    loss, grads = results["rollout"]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads.values())
+    for name, (other_loss, other_grads) in results.items():
+        assert other_loss == pytest.approx(loss, rel=1e-4, abs=1e-6), name
+        assert other_grads.keys() == grads.keys()
+        for key in grads:
+            torch.testing.assert_close(other_grads[key], grads[key], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_tis_weight_scales_each_tokens_loss_when_the_sampler_differs(tmp_path):
+    """With rollout log-probs lower than pi_old by log 3 everywhere, every token's weight is
+    min(3, cap): the loss is cap times the unweighted one (ratio 1 at the first step)."""
+    # RAFT++ on the accepted half: A = 1, so at ratio 1 the loss is -1 per token (token-mean)
+    common = ["algorithm=raft++", "optim.grad_clip=0", "loss.aggregation=token-mean"]
+    losses = {}
+    rollouts = None
+    for name, extra in {"plain": [], "tis": ["loss.tis_cap=2.0"]}.items():
+        trainer = Trainer(load_config(None, builtin_run(*common, *extra)), tmp_path / name)
+        if rollouts is None:
+            prompts = trainer.stream.batch(1)
+            rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=1)
+            rollouts.scores = (np.arange(len(rollouts.samples)) % 2).astype(np.float64)
+            for s in rollouts.samples:
+                s.logprobs = [lp - float(np.log(3.0)) for lp in s.logprobs]
+        trainer.optimizer.step = lambda: None
+        losses[name] = trainer.update(rollouts, iteration=1)["loss"]
+    assert losses["plain"] == pytest.approx(-1.0, rel=1e-5)
+    assert losses["tis"] == pytest.approx(-2.0, rel=1e-5)
+
+
+def test_precision_and_gradient_checkpointing_reach_the_models(tmp_path, monkeypatch):
+    """fp32 master weights, a bf16 reference model, bf16 autocast for every pass (on CPU here),
+    checkpointed decoder layers; an iteration trains and stays finite."""
+    calls = iter(range(10**6))
+    monkeypatch.setitem(REWARDS, "answer", lambda grade, text: float(next(calls) % 2))
+    config = load_config(
+        None,
+        builtin_run(
+            "algorithm=grpo",
+            "dtype=float32",
+            "compute_dtype=bfloat16",
+            "gradient_checkpointing=true",
+            "loss.kl_coef=0.01",
+            "iterations=1",
+        ),
+    )
+    trainer = Trainer(config, tmp_path)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}
+    assert is_gradient_checkpointing(trainer.model)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    metrics = trainer.run()
+    assert metrics["optimizer_steps"] == 1 and np.isfinite(metrics["loss"])
+    assert metrics["kl"] >= 0 and np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    after = dict(trainer.model.named_parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in after.values())
+    assert all(p.dtype == torch.float32 for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert trainer.model.model.embed_tokens.weight.grad is None  # freed after the step
+
+
+def test_the_vllm_section_reaches_the_engine(tmp_path, fake_vllm):
+    """`rollout.vllm` and the compute dtype are what the trainer builds vLLM with (a stand-in
+    `vllm` module records the call; tests/test_vllm_engine.py)."""
+    config = load_config(
+        None,
+        builtin_run(
+            "rollout.engine=vllm",
+            "rollout.gpu_memory_utilization=0.3",
+            "rollout.vllm.max_num_seqs=64",
+            "rollout.vllm.enforce_eager=true",
+            "rollout.vllm.sleep_level=1",
+            "rollout.vllm.options={kv_cache_dtype: fp8}",
+        ),
+    )
+    Trainer(config, tmp_path)
+    (llm,) = FakeLLM.instances
+    expected = {
+        "dtype": "bfloat16",  # the compute dtype, explicit: the trainer keeps fp32 weights
+        "gpu_memory_utilization": 0.3,
+        "max_num_seqs": 64,
+        "enforce_eager": True,
+        "enable_sleep_mode": True,
+        "kv_cache_dtype": "fp8",
+        "seed": config.seed,
+    }
+    assert {k: llm.kwargs[k] for k in expected} == expected
+    assert llm.calls[-1] == ("sleep", 1)
