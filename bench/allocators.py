@@ -1,4 +1,4 @@
-"""Which allocation rule beats the best uniform arm per generated sample? (issue 22)
+"""Which allocation rule beats the best uniform arm per generated sample?
 
 Every allocation rule on one loop, compared at equal generated samples: uniform-n, uniform-2n,
 GVM (the paper's, N' = 8 pre-samples), gvm-history, knapsack, dapo, reinforce-ada and greso
@@ -18,7 +18,7 @@ than uniform-n's; accuracy at equal generated samples, paired by seed against un
 uniform-2n (both runs read at the smaller of their final sample counts, standard error over
 seeds); the share of trained samples with zero advantage and of generated groups whose rewards
 were all equal; and the time the rule itself costs (its statistics and history: time_stats +
-time_history per iteration). The goal of issue 22: a rule that reaches uniform-n's final accuracy
+time_history per iteration). The goal: a rule that reaches uniform-n's final accuracy
 with at least 1.5x fewer generated samples and is ahead of uniform-2n at equal generation by
 more than two standard errors; the table says which rule, if any, gets there.
 
@@ -300,7 +300,7 @@ def main() -> None:
     write_json(out / "results.json", json_ready(results))
     write_text(
         out / "BENCHMARKS-section.md",
-        "## Allocation rules at equal generation (issue 22)\n\n" + "\n".join(sections),
+        "## Allocation rules at equal generation\n\n" + "\n".join(sections),
     )
     print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
 

@@ -18,7 +18,7 @@ BENCH_ARMS = {
     "gvm-incl-2": "gvm-incl-2",
     "gvm-incl-4": "gvm-incl-4",
 }
-# the allocation rules compared by bench/allocators.py (issue 22), with uniform and GVM
+# the allocation rules compared by bench/allocators.py, with uniform and GVM
 RULE_ARMS = {
     "uniform-n": "uniform",
     "uniform-2n": "uniform-2n",

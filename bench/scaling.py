@@ -43,7 +43,7 @@ from gvmrl.io import write_json
 
 from common import QUIET, arm_overrides
 
-GOAL_RATIO = 0.6  # issue 21: 2 processes take at most 0.6x the time of one
+GOAL_RATIO = 0.6  # the goal: 2 processes take at most 0.6x the time of one
 
 
 def not_distributed_reason() -> str | None:

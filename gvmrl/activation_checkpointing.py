@@ -2,7 +2,7 @@
 only and recompute the layer in the backward pass.
 
 Training activations of a Qwen2.5-1.5B-shaped model take about 2.9 MiB per token over its 28
-layers (issue 20); with checkpointing only the layer inputs stay, hidden x 28 layers (~168 KiB
+layers; with checkpointing only the layer inputs stay, hidden x 28 layers (~168 KiB
 per token in bf16), at the price of one more forward pass. `gvmrl.memory` estimates both.
 """
 

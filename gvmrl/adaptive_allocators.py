@@ -1,4 +1,4 @@
-"""The allocation rules of issue 22 behind the `Allocator` interface: `gvm-history` and
+"""The further published allocation rules behind the `Allocator` interface: `gvm-history` and
 `knapsack`, which carry per-prompt statistics across visits, and `dapo`, `greso` and
 `reinforce-ada`, which sample in rounds within an iteration. Their math is in
 gvmrl.allocation_rules; here they meet the trainer (sampling, rounds, history, metrics).
@@ -108,7 +108,7 @@ def measured_counts(
 
 @register_allocator("gvm-history")
 class GVMHistoryAllocator(GVMAllocator):
-    """GVM's rule on statistics from each prompt's earlier visits (issue 22): p_i Beta-smoothed
+    """GVM's rule on statistics from each prompt's earlier visits: p_i Beta-smoothed
     and G_i the mean measured accepted gradient norm, exponentially averaged across visits.
     A prompt never seen gets `gvm.presamples` pre-samples (counted as generated; trained on with
     gvm.reuse_presamples or gvm.budget_inclusive, which also takes them out of the budget) or,

@@ -6,7 +6,7 @@ sampling phase, the pre-sample rollouts (if any) and whether the M-step trains o
 rule's metrics. `ALLOCATORS` maps the `allocation` config key to a rule class (filled by
 `register_allocator`); each rule reads its options from its own config section (gvm: `gvm`).
 
-What the interface leaves room for (rules of issue 22 plug in without trainer changes):
+What the interface leaves room for (further rules plug in without trainer changes):
 - rules that sample in rounds (DAPO dynamic sampling, Reinforce-Ada) call `context.sample` once
   per round with `round=0, 1, ...` (each round its own seed; every call counts toward the run's
   generated samples) and return what they drew as `presamples`, with sizes of 0 where they are
@@ -22,7 +22,7 @@ What the interface leaves room for (rules of issue 22 plug in without trainer ch
   `context.more_prompts`, and rules that choose what to train on among what they drew return it
   as `training` (with a per-prompt reward baseline for the advantages, if they have one).
 
-The rules of issue 22 (gvm-history, knapsack, dapo, reinforce-ada, greso) live in
+The further rules (gvm-history, knapsack, dapo, reinforce-ada, greso) live in
 `gvmrl.adaptive_allocators`, imported at the end of this module so that `ALLOCATORS` always holds
 every rule.
 """
@@ -284,6 +284,6 @@ def measured_subset(group: np.ndarray, accepted: np.ndarray, per_prompt: int | N
     return index[rank < per_prompt]
 
 
-# The rules of issue 22 register themselves on import; importing them last, once everything they
+# The further rules register themselves on import; importing them last, once everything they
 # build on is defined, keeps `ALLOCATORS` complete wherever this module is imported.
 from gvmrl import adaptive_allocators  # noqa: E402, F401

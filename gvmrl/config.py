@@ -511,7 +511,7 @@ class TrainConfig:
         return self
 
     def _check_allocation_rules(self) -> None:
-        """The sections of the rules of issue 22, each checked whatever rule is chosen (a bad
+        """The sections of the further rules, each checked whatever rule is chosen (a bad
         value fails now, not when someone switches rules on a resumed config)."""
         h, k, d, r, s = self.gvm_history, self.knapsack, self.dapo, self.reinforce_ada, self.greso
         prompts, n = self.prompts_per_iteration, self.samples_per_prompt

@@ -34,7 +34,7 @@ ARMS: dict[str, list[str]] = {
         "gvm.budget_inclusive=true",
         "gvm.accept_prior=[0.5,0.5]",
     ],
-    # the rules of issue 22 (README: Allocation rules), each with its section's defaults
+    # the further rules (README: Allocation rules), each with its section's defaults
     # GVM on p_i, G_i from earlier visits; N' = 8 pre-samples only for unseen prompts
     "gvm-history": ["allocation=gvm-history", "gvm.presamples=8"],
     # Knapsack-RL: n x prompts spread by each prompt's value at its last visit's success rate

@@ -1,6 +1,6 @@
-"""The rules of issue 22 behind the allocator interface: hand cases with a stand-in trainer, then
-each rule through the real trainer (tiny built-in runs): every generated sample counted, a batch
-the rule cannot fill, exact resume of per-prompt history."""
+"""The further allocation rules behind the allocator interface: hand cases with a stand-in
+trainer, then each rule through the real trainer (tiny built-in runs): every generated sample
+counted, a batch the rule cannot fill, exact resume of per-prompt history."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The math of the published allocation rules, as pure functions (issue 22).
+"""The math of the published allocation rules, as pure functions.
 
 Each module holds one rule's formulas, with the paper and the authors' code it follows; the
 allocators that call them (sampling, rounds, metrics) live elsewhere:

@@ -10,7 +10,7 @@ zero advantage. verl's implementation (recipe/dapo/dapo_ray_trainer.py), restate
 - then the batch is cut to its first train_batch_size * n trajectories, i.e. the first
   `train_batch_size` kept groups in draw order; the surplus is generated and discarded;
 - at `max_num_gen_batches` rounds without enough groups verl raises an error (0 = no cap).
-  Here the iteration instead trains on the groups it has and reports the shortfall (issue 22).
+  Here the iteration instead trains on the groups it has and reports the shortfall.
 
 GRESO (arXiv 2506.02177, its verl fork) sizes the next round from the last one's zero-variance
 share instead: int(missing_samples / (1 - share) / n * 1.25), at most the fixed round size and at

@@ -24,7 +24,7 @@ core_algos.py), restated:
   With pos + neg <= 1 the baseline is mean 0, std 1.
 
 The authors' loop has no per-iteration budget beyond max_rounds * round_repeat per prompt;
-`round_sizes` adds one (issue 22 compares rules at equal generation): when the remaining budget
+`round_sizes` adds one (rules are compared at equal generation): when the remaining budget
 cannot give every active prompt `round_repeat`, it is split evenly, lower indices first.
 """
 

@@ -1,4 +1,4 @@
-"""Multi-process training on torch.distributed, launched by torchrun (issue 21).
+"""Multi-process training on torch.distributed, launched by torchrun.
 
 One job per module:
 
