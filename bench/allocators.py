@@ -43,10 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from gvmrl.analysis import eval_curve, load_run, paired_difference, plot_curves
-from gvmrl.io import json_ready, write_json, write_text
 from gvmrl.train import train
 
-from common import RULE_ARMS
+from common import RULE_ARMS, write_results
 from convergence import _mean, run_config, summarise
 
 # The rules each algorithm runs (see the docstring for why RAFT++ runs fewer).
@@ -297,12 +296,7 @@ def main() -> None:
         )
         sections.append(markdown_section(algorithm, target, rows, command))
         print(sections[-1])
-    write_json(out / "results.json", json_ready(results))
-    write_text(
-        out / "BENCHMARKS-section.md",
-        "## Allocation rules at equal generation\n\n" + "\n".join(sections),
-    )
-    print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
+    write_results(out, results, "Allocation rules at equal generation", sections)
 
 
 if __name__ == "__main__":

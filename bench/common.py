@@ -7,7 +7,11 @@ Bench scripts run as `python bench/NAME.py`, so they import this module as `comm
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from gvmrl.experiments import ARMS
+from gvmrl.io import json_ready, write_json, write_text
 
 # bench name -> package arm; every GVM arm's budget is fixed at 8 x prompts (`arm_overrides`)
 BENCH_ARMS = {
@@ -49,3 +53,10 @@ def arm_overrides(arm: str, prompts: int) -> list[str]:
     if is_gvm(arm):
         overrides.append(f"gvm.budget={8 * prompts}")
     return overrides
+
+
+def write_results(out: Path, results: dict[str, Any], title: str, sections: list[str]) -> None:
+    """A grid's results.json and its markdown tables (BENCHMARKS-section.md), atomically."""
+    write_json(out / "results.json", json_ready(results))
+    write_text(out / "BENCHMARKS-section.md", f"## {title}\n\n" + "\n".join(sections))
+    print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")

@@ -55,10 +55,9 @@ from gvmrl.analysis import (
 )
 from gvmrl.config import load_config
 from gvmrl.experiments import builtin_run_overrides
-from gvmrl.io import json_ready, write_json, write_text
 from gvmrl.train import train
 
-from common import BENCH_ARMS, QUIET, TASKS, arm_overrides, is_gvm
+from common import BENCH_ARMS, QUIET, TASKS, arm_overrides, is_gvm, write_results
 
 COSTS = {"iteration": "iterations", "samples_generated": "samples", "wall_time": "seconds"}
 
@@ -451,12 +450,7 @@ def main() -> None:
             )
             sections.append(markdown_section(task, algorithm, target, rows, command, reeval_size))
             print(sections[-1])
-    write_json(out / "results.json", json_ready(results))
-    write_text(
-        out / "BENCHMARKS-section.md",
-        "## Convergence: uniform vs GVM allocation\n\n" + "\n".join(sections),
-    )
-    print(f"wrote {out / 'results.json'} and {out / 'BENCHMARKS-section.md'}")
+    write_results(out, results, "Convergence: uniform vs GVM allocation", sections)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,13 @@ class NonFiniteGuard:
 
 
 def first_non_finite(model: torch.nn.Module) -> str | None:
-    """The name of the first floating-point parameter or buffer holding a NaN or inf, or None."""
+    """The name of the first floating-point parameter or buffer holding a NaN or inf, or None.
+    A sharded (FSDP2) model is checked on this rank's shards only, without communication."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
             return name
     return None

@@ -25,13 +25,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from gvmrl.checkpoint import STATE_FILE, CheckpointError, _rng_state, _set_rng_state, read_state
 from gvmrl.distributed.context import ProcessContext
 from gvmrl.distributed.reduction import max_over_ranks
 from gvmrl.distributed.sharding import full_state_dict
-from gvmrl.guards import NonFiniteError
+from gvmrl.guards import NonFiniteError, first_non_finite
 from gvmrl.io import atomic_directory, recover_directory, remove_stale_temporaries
 
 SHARDED_DIR = "sharded"
@@ -69,16 +68,9 @@ def find_sharded_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _refuse_non_finite(model: torch.nn.Module, context: ProcessContext) -> None:
     """Raise NonFiniteError on every rank when any rank's shard holds a NaN or inf."""
-    bad = [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point()
-        and not bool(
-            torch.isfinite(tensor.to_local() if isinstance(tensor, DTensor) else tensor).all()
-        )
-    ]
-    if max_over_ranks(int(bool(bad)), context):
-        where = f"parameter {bad[0]}" if bad else "a parameter on another rank"
+    bad = first_non_finite(model)
+    if max_over_ranks(int(bad is not None), context):
+        where = f"parameter {bad}" if bad is not None else "a parameter on another rank"
         raise NonFiniteError(
             f"refusing to save a checkpoint: {where} is not finite (NaN or inf); "
             "the previous checkpoint is kept"
