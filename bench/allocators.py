@@ -3,10 +3,13 @@
 Every allocation rule on one loop, compared at equal generated samples: uniform-n, uniform-2n,
 GVM (the paper's, N' = 8 pre-samples), gvm-history, knapsack, dapo, reinforce-ada and greso
 (README: Allocation rules), each with its config section's defaults. The prompt set is finite so
-that prompts recur, as several rules need: the first 512 built-in training prompts
-(`data.train_limit`), 64 per iteration, 24 iterations (3 epochs). Within a seed every rule sees
-the same prompt stream, starts from the same checkpoint and is evaluated on the same 512 held-out
-prompts x 4 samples. GRPO runs every rule; RAFT++ the rules that apply to it (uniform, gvm,
+that prompts recur, as several rules need: the first 256 built-in training prompts
+(`data.train_limit`), 32 per iteration in 4 optimizer steps, 24 iterations (3 epochs). Within a
+seed every rule sees the same prompt stream, starts from the same checkpoint and is evaluated on
+the same 512 held-out prompts x 4 samples every 8 iterations. pi_old is the rollout's log-prob
+(`loss.old_logprobs=rollout`): the HF engine computes it with the training model in float32, so
+it equals the recomputed one up to round-off (tests/test_train_wiring.py), and the grid saves a
+forward pass per update. GRPO runs every rule; RAFT++ the rules that apply to it (uniform, gvm,
 gvm-history): the others aim at GRPO's zero advantage in groups whose rewards are all equal,
 while RAFT++ learns from an all-correct group too. Every generated sample is counted
 (pre-samples, dropped groups, extra rounds: `samples_generated`).
@@ -28,6 +31,8 @@ more than two standard errors; the table says which rule, if any, gets there.
 
 Runs are resumable: a rerun skips finished runs and resumes unfinished ones, so the grid can run
 in pieces (--rules, --seeds, --algorithms); the summary covers every finished run in OUT.
+Several processes may share one OUT (e.g. one per core, each with `--set threads=1`): each
+claims a run before training it and skips runs that another live process holds.
 Writes OUT/results.json, OUT/curves-<algorithm>.png and OUT/BENCHMARKS-section.md.
 """
 
@@ -36,6 +41,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -61,7 +68,7 @@ TASK = "builtin"
 def rule_config(args, algorithm: str, rule: str, seed: int):
     """bench/convergence.py's run on the finite prompt set; GVM's rule on history keeps GRPO
     groups of two samples or more, as convergence.py does for GVM."""
-    extra = [f"data.train_limit={args.train_prompts}"]
+    extra = [f"data.train_limit={args.train_prompts}", "loss.old_logprobs=rollout"]
     if algorithm == "grpo" and rule == "gvm-history":
         extra.append("gvm.min_size=2")
     run_args = copy.copy(args)
@@ -81,6 +88,38 @@ def finished_run(path: Path, iterations: int) -> list[dict] | None:
     return rows if rows and rows[-1]["iteration"] == iterations else None
 
 
+def claim(path: Path) -> bool:
+    """Mark the run as this process's, so that several grid processes (one per core) can share
+    one OUT: False when another live process on this host holds it. A claim left by a killed
+    process is taken over."""
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / "claimed-by"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = marker.read_text().partition(" ")
+            if host != socket.gethostname() or _alive(int(pid)):
+                return False
+            marker.unlink(missing_ok=True)  # its process died: take the run over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_grid(args, out: Path) -> None:
     jobs = [
         (algorithm, rule, seed)
@@ -96,8 +135,14 @@ def run_grid(args, out: Path) -> None:
         if finished_run(path, args.iterations) is not None:
             print(f"{label}: finished earlier", file=sys.stderr)
             continue
+        if not claim(path):
+            print(f"{label}: another process is training it", file=sys.stderr)
+            continue
         started = time.perf_counter()
-        train(rule_config(args, algorithm, rule, seed), path)
+        try:
+            train(rule_config(args, algorithm, rule, seed), path)
+        finally:
+            (path / "claimed-by").unlink(missing_ok=True)
         spent += time.perf_counter() - started
         trained += 1
         left = sum(
@@ -247,12 +292,12 @@ def main() -> None:
         "--algorithms", nargs="+", default=["grpo", "raft++"], choices=list(RULES_FOR)
     )
     parser.add_argument("--iterations", type=int, default=24)
-    parser.add_argument("--prompts", type=int, default=64, help="prompts per iteration")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
     parser.add_argument(
-        "--train-prompts", type=int, default=512, help="size of the finite training set"
+        "--train-prompts", type=int, default=256, help="size of the finite training set"
     )
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--eval-prompts", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument(

@@ -15,13 +15,6 @@ One process is a plain `gvmrl train`; K > 1 are `torchrun --standalone --nproc-p
 gvmrl train` (launched as `python -m torch.distributed.run`, what the `torchrun` script runs).
 Every process runs with OMP_NUM_THREADS=1 and `threads=1`, so K processes use K cores.
 
-A K-process figure exists only when the trainer runs under torchrun as one job: it must join
-torchrun's process group (`gvmrl.distributed.context.init_process_context`) and log
-`world_size` in its metrics. Without that, K copies of the single-process trainer would each
-train alone on one output directory; the script then refuses before launching them, writes the
-1-process figures, names what is missing and exits with status 1: no K-process figure is
-produced from such runs.
-
 Writes OUT (default bench/results/scaling.json); the runs live under --work-dir (default
 bench/results/scaling/runs, not committed).
 """
@@ -44,23 +37,6 @@ from gvmrl.io import write_json
 from common import QUIET, arm_overrides
 
 GOAL_RATIO = 0.6  # the goal: 2 processes take at most 0.6x the time of one
-
-
-def not_distributed_reason() -> str | None:
-    """Why the trainer cannot run as one torchrun job yet, or None when it can: the training
-    path (gvmrl.train, gvmrl.run_setup) must use the function that joins torchrun's group."""
-    import gvmrl.run_setup
-    import gvmrl.train
-    from gvmrl.distributed.context import init_process_context
-
-    for module in (gvmrl.train, gvmrl.run_setup):
-        if any(value is init_process_context for value in vars(module).values()):
-            return None
-    return (
-        "the trainer does not support torchrun yet: neither gvmrl.train nor gvmrl.run_setup "
-        "joins torchrun's process group (gvmrl.distributed.context.init_process_context), so "
-        "each of the K processes would train alone on one output directory"
-    )
 
 
 def train_command(args: argparse.Namespace, processes: int, output_dir: Path) -> list[str]:
@@ -175,14 +151,8 @@ def main() -> int:
     if any(k < 1 for k in args.processes):
         parser.error("--processes must be >= 1")
 
-    multi = sorted(k for k in set(args.processes) if k > 1)
-    refused = not_distributed_reason() if multi else None
-    if refused:
-        print(f"scaling: {refused}; running the 1-process case only", file=sys.stderr)
-    runs = {
-        k: run_once(args, k) for k in sorted(set(args.processes)) if k == 1 or refused is None
-    }
-    ratios = print_table(runs) if runs else {}
+    runs = {k: run_once(args, k) for k in sorted(set(args.processes))}
+    ratios = print_table(runs)
     for name, by_phase in ratios.items():
         ratio = by_phase.get("seconds")
         if name == "2x1" and ratio is not None:
@@ -194,16 +164,9 @@ def main() -> int:
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "runs": {f"{k}x1": run for k, run in runs.items()},
             "ratios_to_one_process": ratios,
-            "not_measured": {f"{k}x1": refused for k in multi} if refused else {},
         },
     )
     print(f"wrote {args.output}", file=sys.stderr)
-    if refused:
-        print(
-            f"scaling: no {', '.join(f'{k}-process' for k in multi)} figures: {refused}",
-            file=sys.stderr,
-        )
-        return 1
     return 0
 
 

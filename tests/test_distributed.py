@@ -329,6 +329,20 @@ def test_launch_environment():
         launch_environment({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
 
 
+def test_stray_launch_variable_is_one_line_user_error(monkeypatch, capsys, tmp_path):
+    """RANK left set in a shell (no WORLD_SIZE/LOCAL_RANK): exit 2, one line, no traceback."""
+    from gvmrl.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    code = main(["train", "--set", "model=builtin", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "RANK set but LOCAL_RANK, WORLD_SIZE not" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_no_launcher_means_one_process_without_group():
     assert (SINGLE.rank, SINGLE.world_size, SINGLE.grouped) == (0, 1, False)
 

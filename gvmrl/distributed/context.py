@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from gvmrl.config import ConfigError
+
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = 1800.0
 """Longest wait at a collective (30 min): rollouts of a slow rank stay within it."""
@@ -71,22 +73,25 @@ class ProcessContext:
 
 
 def launch_environment(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) from torchrun's variables, or None outside torchrun."""
+    """(rank, world size, local rank) from torchrun's variables, or None outside torchrun.
+
+    Inconsistent variables are a user error (ConfigError: the CLI prints one line, exit 2):
+    typically RANK left set in a shell, or a launcher other than torchrun."""
     present = [name for name in LAUNCH_VARIABLES if name in environ]
     if not present:
         return None
     if len(present) != len(LAUNCH_VARIABLES):
         missing = sorted(set(LAUNCH_VARIABLES) - set(present))
-        raise ValueError(
+        raise ConfigError(
             f"{', '.join(present)} set but {', '.join(missing)} not: launch with torchrun"
         )
     try:
         rank, world, local = (int(environ[name]) for name in LAUNCH_VARIABLES)
     except ValueError:
         values = ", ".join(f"{name}={environ[name]!r}" for name in LAUNCH_VARIABLES)
-        raise ValueError(f"launch variables must be integers, got {values}") from None
+        raise ConfigError(f"launch variables must be integers, got {values}") from None
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"inconsistent launch variables RANK={rank} WORLD_SIZE={world}")
+        raise ConfigError(f"inconsistent launch variables RANK={rank} WORLD_SIZE={world}")
     return rank, world, local
 
 
