@@ -28,6 +28,7 @@ more than two standard errors; the table says which rule, if any, gets there.
     python bench/allocators.py                                   # the full grid (hours of CPU)
     python bench/allocators.py --rules uniform-n dapo --seeds 0 1  # a piece of it
     python bench/allocators.py --quick                           # smoke: 1 seed, 2 rules, 2 iters
+    python bench/allocators.py --report                          # summarise the finished runs
 
 Runs are resumable: a rerun skips finished runs and resumes unfinished ones, so the grid can run
 in pieces (--rules, --seeds, --algorithms); the summary covers every finished run in OUT.
@@ -61,6 +62,10 @@ RULES_FOR = {
     "raft++": ["uniform-n", "uniform-2n", "gvm", "gvm-history"],
 }
 BASELINES = ("uniform-n", "uniform-2n")
+NO_TARGET = (
+    " uniform-n ends no higher than it started, so samples to reach its final accuracy are not"
+    " defined: the equal-generation columns carry the comparison."
+)
 GOAL_SPEEDUP = 1.5  # times fewer generated samples than uniform-n to its final accuracy
 TASK = "builtin"
 
@@ -185,6 +190,9 @@ def rule_rows(runs: dict[str, dict[int, list[dict]]]) -> tuple[float, list[dict]
     }
     ordered = {"uniform-n": ordered.pop("uniform-n"), **ordered}
     target, rows = summarise(ordered)
+    if not has_target(target, rows):  # every run "reaches" a target at or below the start
+        for row in rows:
+            row["samples_to_target_of_mean"] = row["samples_speedup"] = math.nan
     for row in rows:
         rule = row["arm"]
         iters = [r for s in seeds if s in runs[rule] for r in runs[rule][s] if r["iteration"] > 0]
@@ -215,6 +223,12 @@ def rule_rows(runs: dict[str, dict[int, list[dict]]]) -> tuple[float, list[dict]
     return target, rows
 
 
+def has_target(target: float, rows: list[dict]) -> bool:
+    """Whether uniform-n's fitted final accuracy lies above its start (rows[0] is uniform-n):
+    otherwise samples to reach it are not defined."""
+    return target > rows[0]["start_eval_accuracy"]
+
+
 def markdown_section(algorithm: str, target: float, rows: list[dict], command: str) -> str:
     uniform = rows[0]
     iterations = [int(i) for i in uniform["eval_iterations"]]
@@ -242,7 +256,7 @@ def markdown_section(algorithm: str, target: float, rows: list[dict], command: s
                 f"{row['generated_per_iter']:.0f}",
                 f"{samples:.0f} ({row['samples_speedup']:.2f}x)"
                 if math.isfinite(samples)
-                else "not reached",
+                else ("not reached" if has_target(target, rows) else "-"),
                 _points(row, "equal_samples_vs_uniform_n"),
                 _points(row, "equal_samples_vs_uniform_2n"),
                 _share(row["zero_advantage_share"]),
@@ -267,8 +281,8 @@ def markdown_section(algorithm: str, target: float, rows: list[dict], command: s
         f"    {command}\n\n"
         f"Start {uniform['start_eval_accuracy']:.3f}, target {target:.3f} (uniform-n's fitted "
         "final accuracy). Differences in points, standard error over seeds in brackets; "
-        "equal samples: both runs read at the smaller of their final generated counts.\n\n"
-        f"{table}\n\n{verdict}\n"
+        "equal samples: both runs read at the smaller of their final generated counts."
+        f"{'' if has_target(target, rows) else NO_TARGET}\n\n{table}\n\n{verdict}\n"
     )
 
 
@@ -311,6 +325,11 @@ def main() -> None:
         action="store_true",
         help="smoke run: 1 seed, uniform-n and dapo under GRPO, 2 iterations of 8 prompts",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only summarise the runs finished in OUT (e.g. while grid processes still run)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.rules, args.algorithms = [0], ["uniform-n", "dapo"], ["grpo"]
@@ -319,9 +338,11 @@ def main() -> None:
     out = Path(
         args.output_dir or f"bench/results/allocators{'-quick' if args.quick else ''}"
     )
-    run_grid(args, out)
+    if not args.report:
+        run_grid(args, out)
 
-    command = "python bench/allocators.py " + " ".join(sys.argv[1:])
+    shown = [a for a in sys.argv[1:] if a != "--report"]  # the command that trains the grid
+    command = " ".join(["python bench/allocators.py", *shown])
     results: dict = {"settings": vars(args), "groups": []}
     sections = []
     for algorithm in args.algorithms:
