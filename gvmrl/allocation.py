@@ -133,8 +133,9 @@ def allocate(
     upper = np.inf if max_size is None else float(max_size)
     if w.size * upper < budget:
         warnings.warn(
-            f"allocate: the {w.size} prompts with positive weight can hold only {w.size * max_size} "
-            f"of {budget} samples at max_size={max_size}; the rest is left unallocated",
+            f"allocate: the {w.size} prompts with positive weight can hold only "
+            f"{w.size * max_size} of {budget} samples at max_size={max_size}; "
+            "the rest is left unallocated",
             stacklevel=2,
         )
         sizes[live] = max_size

@@ -51,7 +51,8 @@ class SaturatingFit:
 
 
 def fit_saturating(x, y) -> SaturatingFit:
-    """Least-squares fit of acc(x) = a - b exp(-x/tau); a straight line's limit when tau is large."""
+    """Least-squares fit of acc(x) = a - b exp(-x/tau); a straight line's limit when tau is
+    large."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.size < 2:

@@ -41,13 +41,15 @@ class DataConfig:
     """Where prompts come from and how they become model inputs."""
 
     preset: str | None = None
-    """Dataset preset for train/eval files (math, gsm8k, numina, olympiadbench); None: plain fields."""
+    """Dataset preset for train/eval files (math, gsm8k, numina, olympiadbench); None: plain
+    fields."""
     problem_field: str = "problem"
     """Field holding the problem text (when no preset)."""
     answer_field: str = "answer"
     """Field holding the reference answer (when no preset)."""
     instruction: str | None = "auto"
-    """Appended to each problem; "auto": none for the built-in model (and checkpoints trained from it), the \\boxed{} instruction otherwise."""
+    """Appended to each problem; "auto": none for the built-in model (and checkpoints trained
+    from it), the \\boxed{} instruction otherwise."""
     eval_limit: int | None = 128
     """Evaluate on the first K held-out prompts (None: all)."""
     train_limit: int | None = None
@@ -273,7 +275,8 @@ class LossConfig:
     """The M-step objective."""
 
     aggregation: str = "prompt-mean"
-    """Loss reduction: prompt-mean (the paper's 1/|D_i|), token-mean, seq-mean-token-mean, seq-mean-token-sum."""
+    """Loss reduction: prompt-mean (the paper's 1/|D_i|), token-mean, seq-mean-token-mean,
+    seq-mean-token-sum."""
     clip_low: float = 0.2
     """PPO clip range below 1 (RAFT++ and GRPO)."""
     clip_high: float = 0.2
@@ -807,7 +810,8 @@ def _parse_yaml(text: str, where: str, *, lines: bool = True) -> Any:
 
 
 def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
-    """`--set KEY=VALUE` (repeatable) into `args.overrides`, for every command that builds a config."""
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`, for every command that builds a
+    config."""
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )

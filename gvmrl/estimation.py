@@ -105,7 +105,8 @@ def resolve_parameter_group(model: PreTrainedModel, params: ParamSelector) -> Pa
     if unsupported:
         raise ValueError(
             f"params {params!r} matches {unsupported[:5]}: exact batched gradient norms exist "
-            "only for the input embedding and output layer weights (use 'embed_tokens' or 'lm_head')"
+            "only for the input embedding and output layer weights "
+            "(use 'embed_tokens' or 'lm_head')"
         )
     if not matched:
         names = [name for name, _ in model.named_parameters(remove_duplicate=False)]

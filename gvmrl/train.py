@@ -161,7 +161,8 @@ class Trainer:
     # The loop
 
     def run(self) -> dict[str, Any]:
-        """Train from the last finished iteration to `config.iterations`; returns the last metrics."""
+        """Train from the last finished iteration to `config.iterations`; returns the last
+        metrics."""
         last: dict[str, Any] = {}
         # A rerun of a finished run trains nothing; its saved final weights stay as they are.
         trains = self.state["iteration"] < self.config.iterations

@@ -38,7 +38,8 @@ CHAT_TEMPLATE = (
 
 
 def _byte_level(text: str) -> str:
-    """GPT-2 byte-level spelling of ASCII text: space is `Ġ`, newline `Ċ`, other printables stay."""
+    """GPT-2 byte-level spelling of ASCII text: space is `Ġ`, newline `Ċ`, other printables
+    stay."""
     return "".join(chr(256 + ord(c)) if ord(c) <= 32 else c for c in text)
 
 
@@ -89,7 +90,8 @@ def builtin_model_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         # Marks the built-in model and every checkpoint trained from it (the attribute is saved in
-        # config.json): it was pretrained on bare problems, so `gvmrl.runtime` appends no instruction.
+        # config.json): it was pretrained on bare problems, so `gvmrl.runtime` appends no
+        # instruction.
         gvmrl_builtin=True,
     )
 

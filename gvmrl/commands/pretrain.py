@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-lr-ratio",
         type=float,
-        help="the cosine decays to this share of --lr (default: gvmrl.builtin.pretrain.MIN_LR_RATIO; "
-        "0 anneals fully, which leaves a poor warm start for RL, see BENCHMARKS.md)",
+        help="the cosine decays to this share of --lr "
+        "(default: gvmrl.builtin.pretrain.MIN_LR_RATIO; 0 anneals fully, which leaves a poor "
+        "warm start for RL, see BENCHMARKS.md)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of initialisation and batch order"

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_override_argument(
         parser,
-        help="override a config key, dotted for sections (e.g. --set allocation=gvm --set gvm.presamples=4)",
+        help="override a config key, dotted for sections "
+        "(e.g. --set allocation=gvm --set gvm.presamples=4)",
     )
     parser.add_argument(
         "--output-dir", required=True, help="run directory; an existing checkpoint there is resumed"
