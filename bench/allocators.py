@@ -66,6 +66,7 @@ NO_TARGET = (
     " uniform-n ends no higher than it started, so samples to reach its final accuracy are not"
     " defined: the equal-generation columns carry the comparison."
 )
+CLAIM = "claimed-by"  # in a run's directory: "HOST PID" of the grid process training it
 GOAL_SPEEDUP = 1.5  # times fewer generated samples than uniform-n to its final accuracy
 TASK = "builtin"
 
@@ -98,7 +99,7 @@ def claim(path: Path) -> bool:
     one OUT: False when another live process on this host holds it. A claim left by a killed
     process is taken over."""
     path.mkdir(parents=True, exist_ok=True)
-    marker = path / "claimed-by"
+    marker = path / CLAIM
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):
         try:
@@ -121,7 +122,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, under another user
     return True
 
 
@@ -147,7 +148,7 @@ def run_grid(args, out: Path) -> None:
         try:
             train(rule_config(args, algorithm, rule, seed), path)
         finally:
-            (path / "claimed-by").unlink(missing_ok=True)
+            (path / CLAIM).unlink(missing_ok=True)
         spent += time.perf_counter() - started
         trained += 1
         left = sum(
@@ -231,6 +232,7 @@ def has_target(target: float, rows: list[dict]) -> bool:
 
 def markdown_section(algorithm: str, target: float, rows: list[dict], command: str) -> str:
     uniform = rows[0]
+    defined = has_target(target, rows)
     iterations = [int(i) for i in uniform["eval_iterations"]]
     header = [
         "rule",
@@ -256,7 +258,7 @@ def markdown_section(algorithm: str, target: float, rows: list[dict], command: s
                 f"{row['generated_per_iter']:.0f}",
                 f"{samples:.0f} ({row['samples_speedup']:.2f}x)"
                 if math.isfinite(samples)
-                else ("not reached" if has_target(target, rows) else "-"),
+                else ("not reached" if defined else "-"),
                 _points(row, "equal_samples_vs_uniform_n"),
                 _points(row, "equal_samples_vs_uniform_2n"),
                 _share(row["zero_advantage_share"]),
@@ -282,7 +284,7 @@ def markdown_section(algorithm: str, target: float, rows: list[dict], command: s
         f"Start {uniform['start_eval_accuracy']:.3f}, target {target:.3f} (uniform-n's fitted "
         "final accuracy). Differences in points, standard error over seeds in brackets; "
         "equal samples: both runs read at the smaller of their final generated counts."
-        f"{'' if has_target(target, rows) else NO_TARGET}\n\n{table}\n\n{verdict}\n"
+        f"{'' if defined else NO_TARGET}\n\n{table}\n\n{verdict}\n"
     )
 
 
