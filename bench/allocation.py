@@ -1,6 +1,7 @@
 """Time `gvmrl.allocation.allocate` on 10^6 prompts (target: well under a second).
 
-python bench/allocation.py [--prompts 1000000] [--repeats 5] [--output bench/results/allocation.json]
+python bench/allocation.py [--prompts 1000000] [--repeats 5]
+    [--output bench/results/allocation.json]
 """
 
 from __future__ import annotations

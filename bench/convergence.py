@@ -407,10 +407,8 @@ def main() -> None:
                     config = run_config(args, task, algorithm, arm, seed)
                     started = time.perf_counter()
                     train(config, run_dir)
-                    print(
-                        f"{task} {algorithm} {arm} seed {seed}: {time.perf_counter() - started:.0f}s",
-                        file=sys.stderr,
-                    )
+                    seconds = time.perf_counter() - started
+                    print(f"{task} {algorithm} {arm} seed {seed}: {seconds:.0f}s", file=sys.stderr)
                     runs[arm].append(load_run(run_dir))
                     if args.final_eval_samples:
                         reevals[arm].append(

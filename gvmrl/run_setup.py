@@ -41,7 +41,7 @@ from gvmrl.distributed.context import (
 from gvmrl.distributed.sharding import shard_model
 from gvmrl.models import load_model_and_tokenizer
 from gvmrl.precision import Precision
-from gvmrl.prompt_length import context_length, fit_to_context
+from gvmrl.prompt_length import fit_to_context
 from gvmrl.records import PromptRecord
 from gvmrl.rollout import RolloutEngine, make_engine
 from gvmrl.runtime import resolve_device

@@ -33,9 +33,9 @@ from gvmrl.distributed.reduction import (
     gather_rows,
     pad_to_common_count,
     padding_batch,
-    row_token_weights,
 )
 from gvmrl.distributed.sharding import full_state_dict, policy_logprobs, shard_model
+from gvmrl.losses import token_weights
 
 MICRO_BATCH = 2
 CLIP = 0.5
@@ -59,7 +59,11 @@ def train_step(model, optimizer, scheduler, batch: dict, context) -> float:
     offsets = np.cumsum(sizes) - sizes
     share = deal_samples(sizes, batch["expected_tokens"], context.world_size)[context.rank]
     mine = offsets[share[:, 0]] + share[:, 1]  # global rows of this rank
-    weights = row_token_weights(batch["response_lengths"], AGGREGATION, batch["group"])
+    # as the trainer: token weights over the whole mini-batch, then this rank's rows (a row's
+    # weight is the same at each of its response tokens)
+    everything = pack_sequences(batch["prompts"], batch["responses"], batch["pad_id"])
+    group = torch.as_tensor(batch["group"])
+    weights = token_weights(everything.response_mask, AGGREGATION, group).amax(dim=1)
     packed = pack_sequences(
         [batch["prompts"][j] for j in mine], [batch["responses"][j] for j in mine], batch["pad_id"]
     )

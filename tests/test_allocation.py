@@ -35,7 +35,8 @@ def naive_gvm_share(p, g, budget, alpha=1e-3, beta=2.0):
 
 
 def test_hand_computed_case():
-    # w = 1/sqrt(p + 1e-3/p): p=.5 -> 1.41140, p=.25 -> 1.98413, p=0 -> 0, p=1 -> 0.99950; sum 4.39503.
+    # w = 1/sqrt(p + 1e-3/p): p=.5 -> 1.41140, p=.25 -> 1.98413, p=0 -> 0, p=1 -> 0.99950;
+    # sum 4.39503.
     # shares of 10: 3.2114, 4.5145, 0, 2.2742 -> floors 3, 4, 0, 2 (sum 9); the largest remainder
     # (.5145, prompt 1) takes the last sample.
     sizes = allocate([0.5, 0.25, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], 10)
@@ -68,7 +69,8 @@ def test_drop_above():
 def test_min_expected_accepts_drops_then_renormalises():
     # proportional shares of 20 (w = G/sqrt(p+1e-3/p)): p=.125,G=1 -> w=2.7735; p=.5,G=1 -> 1.4114;
     # p=1,G=4 -> 3.9980; sum 8.1829. Expected accepts: .125*6.78=0.85, .5*3.45=1.72, 1*9.77=9.77.
-    # With k=1 only the first is dropped, and the other two share 20 as 1.4114:3.9980 -> 5.22, 14.78.
+    # With k=1 only the first is dropped, and the other two share 20 as 1.4114:3.9980
+    # -> 5.22, 14.78.
     sizes = allocate([0.125, 0.5, 1.0], [1.0, 1.0, 4.0], 20, min_expected_accepts=1.0)
     assert sizes.tolist() == [0, 5, 15]
 

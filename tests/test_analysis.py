@@ -72,7 +72,11 @@ def test_paired_difference_hand_derived():
 
 def test_seed_mean_curve_averages_aligned_evaluations():
     seeds = [
-        [{"iteration": 0, "eval_accuracy": a}, {"iteration": 1}, {"iteration": 2, "eval_accuracy": b}]
+        [
+            {"iteration": 0, "eval_accuracy": a},
+            {"iteration": 1},
+            {"iteration": 2, "eval_accuracy": b},
+        ]
         for a, b in ((0.4, 0.6), (0.5, 0.5))
     ]
     x, y = seed_mean_curve(seeds)

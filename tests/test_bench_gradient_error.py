@@ -41,7 +41,7 @@ def test_inverse_binomial_moment_broadcasts_and_rejects_bad_input():
 
 
 def test_accepted_mean_error_matches_a_simulation():
-    """Draw n responses, average the gradients of the accepted ones (0 if none), measure the error."""
+    """Draw n responses, average the accepted ones' gradients (0 if none), measure the error."""
     rng = np.random.default_rng(0)
     mu = np.array([1.0, -2.0, 0.5])
     scale = 0.8  # per coordinate: spread s^2 = 3 * 0.64

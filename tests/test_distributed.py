@@ -21,9 +21,8 @@ from gvmrl.distributed.reduction import (
     gather_rows,
     pad_to_common_count,
     padding_batch,
-    row_token_weights,
 )
-from gvmrl.losses import AGGREGATION_MODES, token_weights
+from gvmrl.losses import token_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
@@ -345,18 +344,6 @@ def test_stray_launch_variable_is_one_line_user_error(monkeypatch, capsys, tmp_p
 
 def test_no_launcher_means_one_process_without_group():
     assert (SINGLE.rank, SINGLE.world_size, SINGLE.grouped) == (0, 1, False)
-
-
-@pytest.mark.parametrize("mode", AGGREGATION_MODES)
-def test_row_token_weights_equal_token_weights_of_the_whole_batch(mode):
-    rng = np.random.default_rng(1)
-    group = torch.tensor([3, 3, 5, 7, 7, 7, 9])
-    prompts = [rng.integers(1, 50, rng.integers(1, 6)).tolist() for _ in group]
-    responses = [rng.integers(1, 50, n).tolist() for n in (4, 0, 7, 1, 9, 3, 0)]
-    packed = pack_sequences(prompts, responses, 0, padding_side="left")
-    expected = token_weights(packed.response_mask, mode, group)
-    rows = row_token_weights([len(r) for r in responses], mode, group)
-    assert torch.equal(packed.response_mask * rows[:, None], expected)
 
 
 def test_gather_rows_of_a_rank_without_rows():

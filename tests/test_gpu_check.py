@@ -36,3 +36,6 @@ def test_gpu_check_smoke_writes_its_figures(tmp_path):
     assert iteration["samples"] > 0 and iteration["plan_update_peak_gib"] > 0
     master = report["master_weights"]
     assert master["fp32_master_bf16_compute"] > 0.99 and master["bf16_weights"] < 0.1
+    job = report["job"]  # on CPU (gloo, fp32) the one-process job trains exactly as plain
+    assert job["plain"]["world_size"] == job["torchrun"]["world_size"] == 1
+    assert job["same_tokens_generated"] and job["final_weights_max_abs_difference"] < 1e-6

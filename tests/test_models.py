@@ -1,4 +1,4 @@
-"""Built-in tokenizer, model config, the shipped checkpoint, and loading HF checkpoints from disk."""
+"""Built-in tokenizer, model config, the shipped checkpoint, loading HF checkpoints from disk."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from gvmrl.builtin.model import (
     BUILTIN,

@@ -1,4 +1,5 @@
-"""The GVM-EM loop end to end on the built-in model: outputs, accounting, M-step numerics, resume."""
+"""The GVM-EM loop end to end on the built-in model: outputs, accounting, M-step numerics,
+resume."""
 
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ def test_grpo_reports_the_share_of_samples_without_advantage(
 def test_micro_batching_does_not_change_the_update(
     tmp_path, warm_checkpoint, easy_prompts, algorithm
 ):
-    """The gradient accumulated over micro-batches of 1 equals the gradient of the whole mini-batch."""
+    """The gradient accumulated over micro-batches of 1 equals the whole mini-batch's gradient."""
     grads = []
     for micro in (1, 64):
         config = small_config(

@@ -235,7 +235,8 @@ def test_olympiad_bench_multiple_answers() -> None:
 
 
 def test_olympiad_bench_single_answer_rows() -> None:
-    rows = [r for r in _jsonl(DATA / "olympiad_bench_sample.jsonl") if not r["is_multiple_answer"]][:20]
+    rows = _jsonl(DATA / "olympiad_bench_sample.jsonl")
+    rows = [r for r in rows if not r["is_multiple_answer"]][:20]
     with Grader(workers=0) as grader:
         responses = ["\\boxed{" + r["answer"][0].strip("$") + "}" for r in rows]
         grades = grader.grade_many(responses, [r["answer"] for r in rows])

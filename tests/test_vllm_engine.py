@@ -1,13 +1,15 @@
 """The vLLM engine's options, sleep mode and weight reloads, against a stand-in `vllm` module.
 
 No vllm (nor CUDA) here: a fake module in sys.modules records every call the engine makes to
-`vllm.LLM`, so the tests assert what is passed and in which order; tests/test_rollout.py runs
-the real engine where vllm and a GPU exist.
+`vllm.LLM`, so the tests assert what is passed and in which order; tests/test_vllm_api.py checks
+the stand-in's names against the installed vllm, and tests/test_rollout.py runs the real engine
+where vllm and a GPU exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 
@@ -22,7 +24,8 @@ from gvmrl.rollout import SamplingParams, make_engine
 
 @dataclasses.dataclass
 class FakeEngineArgs:
-    """A few real `vllm.EngineArgs` fields (names as in vLLM 0.33)."""
+    """A few real `vllm.EngineArgs` fields (names as in vLLM 0.33; tests/test_vllm_api.py checks
+    them against the installed vllm)."""
 
     model: str = ""
     dtype: str = "auto"
@@ -35,11 +38,13 @@ class FakeEngineArgs:
     enable_sleep_mode: bool = False
     logprobs_mode: str = "raw_logprobs"
     kv_cache_dtype: str = "auto"
-    swap_space: float = 4
+    cpu_offload_gb: float = 0
+    distributed_executor_backend: str | None = None
 
 
 class FakeLLM:
-    """Records calls; `generate` returns one completion per requested sample."""
+    """Records calls; `generate` returns one completion per requested sample. Parameter names as
+    `vllm.LLM`'s (tests/test_vllm_api.py checks them)."""
 
     instances: list[FakeLLM] = []
     second_logprob = -0.25
@@ -58,20 +63,20 @@ class FakeLLM:
         self.calls.append(("apply_model",))
         return [func(Target())]
 
-    def reset_prefix_cache(self):
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
         self.calls.append(("reset_prefix_cache",))
 
-    def sleep(self, level=1):
+    def sleep(self, level=1, mode="abort"):
         self.calls.append(("sleep", level))
 
     def wake_up(self, tags=None):
         self.calls.append(("wake_up", tuple(tags) if tags else None))
 
-    def generate(self, prompts, params, use_tqdm=True):
+    def generate(self, prompts, sampling_params, *, use_tqdm=True):
         self.calls.append(("generate", len(prompts)))
-        self.requests = list(zip(prompts, params))
+        self.requests = list(zip(prompts, sampling_params))
         outputs = []
-        for p in params:
+        for p in sampling_params:
             completions = [
                 types.SimpleNamespace(
                     index=k,
@@ -177,6 +182,22 @@ def test_without_sleep_mode_weights_sync_immediately(fake_vllm, model_and_tokeni
     assert llm.calls == [("apply_model",), ("reset_prefix_cache",), ("generate", 1)]
 
 
+def test_engine_in_process_and_on_its_own_gpu_under_torchrun(
+    fake_vllm, model_and_tokenizer, monkeypatch
+):
+    """apply_model hands vLLM a function, which only an in-process worker takes without pickling;
+    under torchrun vLLM's default executor would put every rank's engine on cuda:0."""
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    make_engine("vllm", model, tokenizer, model_path="/ckpt")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "distributed_executor_backend" not in FakeLLM.instances[0].kwargs  # one process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    make_engine("vllm", model, tokenizer, model_path="/ckpt")
+    assert FakeLLM.instances[1].kwargs["distributed_executor_backend"] == "external_launcher"
+
+
 def test_unknown_option_fails_before_llm_is_built(fake_vllm, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(ValueError, match="max_num_seq:"):
@@ -190,10 +211,10 @@ VLLM_RUN = ["rollout.engine=vllm", "device=cuda"]
 
 
 def test_config_names_the_unknown_vllm_option(fake_vllm):
-    config = load_config(None, [*VLLM_RUN, "rollout.vllm.options.swap_space=8"])
-    assert config.rollout.vllm.options == {"swap_space": 8}
-    with pytest.raises(ConfigError, match=r"rollout\.vllm\.options\.swap_spac: not a vllm"):
-        load_config(None, [*VLLM_RUN, "rollout.vllm.options.swap_spac=8"])
+    config = load_config(None, [*VLLM_RUN, "rollout.vllm.options.cpu_offload_gb=8"])
+    assert config.rollout.vllm.options == {"cpu_offload_gb": 8}
+    with pytest.raises(ConfigError, match=r"rollout\.vllm\.options\.cpu_offload: not a vllm"):
+        load_config(None, [*VLLM_RUN, "rollout.vllm.options.cpu_offload=8"])
     with pytest.raises(ConfigError, match=r"rollout\.vllm\.max_num_seq: unknown key"):
         load_config(None, [*VLLM_RUN, "rollout.vllm.max_num_seq=8"])
 

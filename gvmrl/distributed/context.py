@@ -107,14 +107,11 @@ def init_process_context(
     device: str = "auto",
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    group_when_alone: bool = False,
     environ: Mapping[str, str] = os.environ,
 ) -> ProcessContext:
     """Join the job torchrun launched: process group (gloo on CPU, NCCL on CUDA) and a 1-D mesh.
 
-    Outside torchrun the context is world size 1 without a process group, unless
-    `group_when_alone`: then a one-rank group on an in-process store, so that FSDP (the GPU's fp32
-    master weights with bf16 compute) runs the same code with world size 1.
+    Outside torchrun the context is world size 1 without a process group (`grouped` is False).
     """
     launch = launch_environment(environ)
     kind = resolve_device_type(device)
@@ -122,14 +119,12 @@ def init_process_context(
     target = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(target)
-    if launch is None and not group_when_alone:
+    if launch is None:
         return ProcessContext(rank, world, local, target, None)
     options: dict[str, Any] = {
         "backend": BACKENDS[kind],
         "timeout": datetime.timedelta(seconds=timeout_s),
     }
-    if launch is None:
-        options.update(store=dist.HashStore(), rank=0, world_size=1)
     if kind == "cuda":
         options["device_id"] = target
     dist.init_process_group(**options)

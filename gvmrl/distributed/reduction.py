@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from gvmrl.batching import SequenceBatch
 from gvmrl.distributed.context import ProcessContext
-from gvmrl.losses import token_weights
 
 T = TypeVar("T")
 
@@ -67,24 +66,6 @@ def sum_over_ranks(values: list[float], context: ProcessContext) -> list[float]:
 
 def max_over_ranks(value: int, context: ProcessContext) -> int:
     return int(_all_reduce(torch.tensor([value], dtype=torch.int64), context, dist.ReduceOp.MAX))
-
-
-def row_token_weights(response_lengths, mode: str, group_ids=None) -> torch.Tensor:
-    """(N,) weight of each response token of row j, for a mini-batch given by its rows' response
-    lengths (and prompt ids for prompt-mean): `losses.token_weights` of the whole mini-batch,
-    whose value is the same at every response token of a row.
-
-    A rank holding rows `mine` of the mini-batch weights them with
-    `response_mask * row_token_weights(...)[mine, None]`: the token weights one process computes
-    for the whole mini-batch, so the K ranks' losses add up to its loss.
-    """
-    lengths = torch.as_tensor(response_lengths, dtype=torch.int64)
-    width = int(lengths.max()) if lengths.numel() else 0
-    if width == 0:
-        return torch.zeros(lengths.shape, dtype=torch.float32)
-    mask = (torch.arange(width) < lengths[:, None]).float()  # (N, width), responses left-aligned
-    groups = None if group_ids is None else torch.as_tensor(group_ids)
-    return token_weights(mask, mode, groups)[:, 0]
 
 
 def pad_to_common_count(

@@ -56,8 +56,9 @@ def shard_model(
     """Apply FSDP2 in place (each decoder layer, then the root) with fp32 master weights.
 
     Gradients are summed over ranks, not averaged: the trainer's token weights are normalised
-    over the global mini-batch (`reduction.row_token_weights`), so the sum is the gradient of
-    the global loss. Returns `model`, now an FSDPModule whose parameters are DTensor shards.
+    over the whole mini-batch (`losses.token_weights` before its rows are dealt), so the sum is
+    the gradient of the global loss. Returns `model`, now an FSDPModule whose parameters are
+    DTensor shards.
     """
     model.to(torch.float32)
     policy = mixed_precision(compute_dtype)

@@ -6,9 +6,13 @@ of the weights, in the compute dtype (bfloat16, given explicitly: the trainer's 
 are float32), and weights are copied from the training model through `LLM.apply_model`
 (public since vLLM 0.9; it runs a function on the model inside each worker, here
 `model.load_weights(...)`, the loader vLLM uses for checkpoints), then the prefix cache is
-dropped, its entries computed with the old weights. `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set
-(unless the user set it) so the worker lives in this process and the weights are handed over
-without serialisation, as TRL's colocate mode does.
+dropped, its entries computed with the old weights. `VLLM_ENABLE_V1_MULTIPROCESSING=0` is
+always set, so the worker lives in this process and the function and the weights are handed
+over without serialisation, as TRL's colocate mode does (across processes vLLM refuses to pickle
+a function unless VLLM_ALLOW_INSECURE_SERIALIZATION=1). Under torchrun (world size > 1) each
+rank's engine uses `distributed_executor_backend="external_launcher"`, as TRL's colocate mode
+does: it takes the rank's GPU from LOCAL_RANK and joins the job's process group, where vLLM's
+default single-process executor would put every rank's engine on cuda:0.
 
 Sleep mode (`rollout.vllm.enable_sleep_mode`, on by default): vLLM would otherwise hold
 `gpu_memory_utilization` of the GPU for the whole run, update included. After each `generate`
@@ -27,11 +31,14 @@ Seeding: every sample is its own request (n=1) with its own `seed` (`base.reques
 its (prompt, k), or given by the caller), so which samples are drawn does not depend on how the
 request is grouped or dealt to ranks; the prefix cache computes each prompt once for its
 samples. vLLM is not bit-reproducible across batch compositions on a GPU (batch-dependent
-kernels), so equal seeds give equal samples in practice, not bit for bit.
+kernels), so equal seeds give equal samples in practice, not bit for bit. Starting the
+in-process worker reseeds Python's, NumPy's and torch's global generators with `seed`
+(vLLM's `set_random_seed`); the trainer restores a checkpoint's generator states afterwards.
 
 Without CUDA and vllm this module is tested against a stand-in `vllm` module
-(tests/test_vllm_engine.py) that records the calls; tests/test_rollout.py runs the real engine
-where both exist.
+(tests/test_vllm_engine.py) that records the calls; tests/test_vllm_api.py checks every vLLM
+name used here against the installed vllm (no GPU needed), and tests/test_rollout.py runs the
+real engine where both exist.
 """
 
 from __future__ import annotations
@@ -161,7 +168,10 @@ class VLLMEngine:
         if sleep_level not in (None, 1, 2):
             raise ValueError(f"sleep_level must be 1, 2 or None, got {sleep_level}")
         check_llm_options(llm_options)  # before vLLM allocates anything
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # apply_model hands the worker a function: in-process, since vLLM will not pickle one
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            llm_options = {"distributed_executor_backend": "external_launcher", **llm_options}
         from vllm import LLM
 
         self.tokenizer = tokenizer
