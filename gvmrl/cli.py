@@ -36,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvmrl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"gvmrl.commands.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"gvmrl.commands.{module_name}":
-                raise
-            continue  # command not built yet
+        module = importlib.import_module(f"gvmrl.commands.{module_name}")
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)

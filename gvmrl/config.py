@@ -445,7 +445,7 @@ class TrainConfig:
         check(self.verifier_workers >= 0, "verifier_workers", "must be >= 0")
         check(self.verifier_timeout > 0, "verifier_timeout", "must be > 0")
         check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             "device",
             "cpu, cuda[:N] or auto",
         )
@@ -629,6 +629,12 @@ class TrainConfig:
             "loss.tis_cap",
             "compares the recomputed pi_old with the rollout log-probs; set "
             "loss.old_logprobs: recompute (with rollout the weight would always be 1)",
+        )
+        check(
+            self.rollout.engine != "vllm" or re.fullmatch(r"cuda:0*[1-9]\d*", self.device) is None,
+            "device",
+            f"{self.device} with rollout.engine vllm, which runs on the first visible GPU: "
+            "choose the GPU with CUDA_VISIBLE_DEVICES and set device=cuda",
         )
         v = self.rollout.vllm
         check(v.max_num_seqs >= 1, "rollout.vllm.max_num_seqs", "must be >= 1")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gvmrl.config import ConfigError
 from gvmrl.data import DEFAULT_INSTRUCTION
 
 if TYPE_CHECKING:
@@ -16,10 +17,28 @@ AUTO = "auto"
 
 
 def resolve_device(name: str = AUTO) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; anything else as torch spells it."""
+    """`auto`: the GPU when there is one, else the CPU; anything else as torch spells it.
+
+    A device this machine does not have is a ConfigError naming `device` (one line at the
+    command line, before any weights load) rather than a CUDA traceback from inside `model.to`.
+    """
     if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise ConfigError(
+                f"device: {name} asked for, but torch {torch.__version__} sees no GPU"
+            )
+        if device.index is not None and device.index >= visible:
+            raise ConfigError(f"device: {name} asked for, but {visible} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise ConfigError(f"device: {name!r} is not cpu, cuda, cuda:N or auto")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -13,7 +13,7 @@ from test_vllm_engine import FakeLLM, fake_vllm  # noqa: F401 (fixture)
 
 from gvmrl.activation_checkpointing import is_gradient_checkpointing
 from gvmrl.cli import main
-from gvmrl.config import load_config
+from gvmrl.config import ConfigError, load_config
 from gvmrl.rewards import REWARDS
 from gvmrl.train import Trainer
 
@@ -201,3 +201,39 @@ def test_the_vllm_section_reaches_the_engine(tmp_path, fake_vllm):
     }
     assert {k: llm.kwargs[k] for k in expected} == expected
     assert llm.calls[-1] == ("sleep", 1)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_gpu_this_machine_lacks_stops_in_one_line_before_loading(
+    tmp_path, monkeypatch, capsys, device
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    out = tmp_path / "run"
+    args = ["train", "--output-dir", str(out)]
+    for override in builtin_run(f"device={device}"):
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"gvmrl train: device: {device} asked for") and "sees no GPU" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_device_names_are_checked_against_this_machine():
+    from gvmrl.distributed.context import resolve_device_type
+    from gvmrl.runtime import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^device: cuda:\d+ asked for"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last visible GPU
+    with pytest.raises(ConfigError, match=r"^device: 'meta' is not cpu, cuda"):
+        resolve_device("meta")
+    with pytest.raises(ConfigError, match=r"^device: cuda:1 under torchrun; .* set device=cuda"):
+        resolve_device_type("cuda:1")
+
+
+def test_vllm_on_a_gpu_other_than_the_first_is_refused_at_config():
+    with pytest.raises(ConfigError, match=r"^device: cuda:1 with rollout.engine vllm"):
+        load_config(None, ["rollout.engine=vllm", "device=cuda:1"])
+    with pytest.raises(ConfigError, match=r"^device: cpu, cuda\[:N\] or auto"):
+        load_config(None, ["device=cuda:x"])

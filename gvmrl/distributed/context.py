@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from gvmrl.config import ConfigError
+from gvmrl.runtime import resolve_device
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = 1800.0
@@ -96,11 +97,15 @@ def launch_environment(environ: Mapping[str, str] = os.environ) -> tuple[int, in
 
 
 def resolve_device_type(device: str) -> str:
-    """"auto" is cuda when a GPU is visible, else cpu; otherwise "cpu" or "cuda"."""
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if kind not in BACKENDS:
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return kind
+    """"auto" is cuda when a GPU is visible, else cpu; otherwise "cpu" or "cuda" (a ConfigError
+    naming `device` when this machine has no such device). A job's rank always runs on
+    cuda:LOCAL_RANK, so a GPU index is refused."""
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"device: {device} under torchrun; each rank uses cuda:LOCAL_RANK, so set device=cuda "
+            "(choose the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    return resolve_device(device).type
 
 
 def init_process_context(
