@@ -18,9 +18,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch first, at the version in constraints/cpu.txt: the CPU wheel on this machine. Asking for
-# torch through the package's dependencies with nothing installed would pull a multi-GB CUDA
-# build instead.
-.venv/bin/python -m pip install --quiet -c constraints/cpu.txt torch
+# torch first, at the version in constraints/cpu.txt: asked for through the package's
+# dependencies with nothing installed, it would be a multi-GB CUDA build. On Linux PyPI serves
+# the CUDA build for this pin too; TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU
+# wheel from PyTorch's index instead (CI's machines have that wheel locally).
+.venv/bin/python -m pip install --quiet -c constraints/cpu.txt ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch
 .venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[test]"
 echo "$want" > "$stamp"

@@ -28,7 +28,8 @@ from gvmrl.experiments import ARMS, DEMO_ARMS, builtin_run_overrides
 
 # Defaults chosen by measurement: CPU seconds of one thread, RAFT++ on the built-in task, per
 # iteration of 64 prompts about 10 (uniform) and 19 (gvm), per 128 x 4 evaluation about 4.5; so
-# 3 seeds x 2 arms x 6 iterations with 4 evaluations each take about 10 minutes on a 2-core CPU.
+# 3 seeds x 2 arms x 6 iterations with 4 evaluations each take about 10 CPU-minutes, about 6
+# minutes of wall time on a 2-core CPU.
 ITERATIONS = 6
 PROMPTS = 64  # four mini-batches of 16 prompts: the update settings measured in BENCHMARKS.md
 SEEDS = 3
