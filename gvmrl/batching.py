@@ -245,12 +245,15 @@ def token_logprobs(
         values = hidden.new_zeros(
             (0, 1 + with_entropy), dtype=torch.promote_types(hidden.dtype, torch.float32)
         )
+    # One (N, T) tensor per output rather than views of one: FSDP hooks the outputs of a forward
+    # method it wraps, and an in-place op on a view would skip that hook.
     n, t = batch.input_ids.shape
-    full = values.new_zeros((n, t, values.shape[-1]))
-    full[:, 1:][predicted] = values  # index_put keeps the graph; padding stays 0
-    if with_entropy:
-        return full[..., 0], full[..., 1]
-    return full[..., 0]
+    grids = []
+    for column in range(values.shape[-1]):
+        grid = values.new_zeros((n, t))
+        grid[:, 1:][predicted] = values[:, column]  # index_put keeps the graph; padding stays 0
+        grids.append(grid)
+    return (grids[0], grids[1]) if with_entropy else grids[0]
 
 
 def sweep_logprobs(

@@ -14,8 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from gvmrl.algorithms import ALGORITHMS, GroupBaseline
-from gvmrl.allocation import allocate
-from gvmrl.allocation_rules.knapsack import knapsack_sizes
 from gvmrl.allocators import AllocationContext, make_allocator
 from gvmrl.config import ConfigError, LossConfig, load_config
 from gvmrl.records import PromptRecord, Rollouts
@@ -97,23 +95,22 @@ def test_gvm_history_presamples_unseen_prompts_and_reuses_every_sample_of_the_vi
 
     first = rule.allocate(batch, stand_in.context())
     assert stand_in.requests == [(["a", "b", "c", "d"], [4, 4, 4, 4], 0)]
-    # p = (accepted + 1) / (4 + 2); c has no accepted pre-sample: the batch's median norm (2)
-    p = np.array([5, 3, 1, 2]) / 6
-    g = np.array([1.0, 2.0, 2.0, 4.0])
-    assert first.sizes.tolist() == allocate(p, g, 16, rule="gvm").tolist()
+    # p = (accepted + 1) / (4 + 2) = 5/6, 3/6, 1/6, 2/6; G = 1, 2, 2, 4 (c has no accepted
+    # pre-sample: the batch's median norm, 2). w = G / sqrt(p + 1e-3 / p) = 1.0947, 2.8228,
+    # 4.8131, 6.8972 (sum 15.6278); shares of 16: 1.121, 2.890, 4.928, 7.062 -> floors 1, 2, 4, 7
+    # (14); the two largest remainders (c .928, b .890) take the last two samples.
+    assert first.sizes.tolist() == [1, 3, 5, 7]
     main = stand_in.sample(batch, first.sizes)
     rule.observe(batch, main, stand_in.context())
 
     second = rule.allocate(batch, stand_in.context())
     assert len(stand_in.requests) == 2, "a seen prompt needs no pre-samples"
-    # one visit = its 4 pre-samples and its main samples, counted with a naive loop
-    seen = [4 + n for n in first.sizes]
-    accepted = [
-        sum(verdicts[i][k % len(verdicts[i])] for k in range(s)) for i, s in zip("abcd", seen)
-    ]
-    p2 = (np.array(accepted) + 1) / (np.array(seen) + 2)
-    g2 = np.array([1.0, 2.0, 2.0, 4.0])  # c never accepted: the median of the known norms
-    assert second.sizes.tolist() == allocate(p2, g2, 16, rule="gvm").tolist()
+    # one visit = its 4 pre-samples and its main samples: 5, 7, 9, 11 samples, of them accepted
+    # 5, 4, 0, 2 (the verdict cycles continue from the pre-samples): p = 6/7, 5/9, 1/11, 3/13;
+    # G = 1, 2, 2, 4 (c never accepted: the median of the known norms).
+    # w = 1.0794, 2.6789, 6.2650, 8.2496 (sum 18.2729); shares of 16: 0.945, 2.346, 5.486, 7.223
+    # -> floors 0, 2, 5, 7 (14); the largest remainders (a .945, c .486) take the last two.
+    assert second.sizes.tolist() == [1, 2, 6, 7]
     assert second.presamples is None and second.metrics["history_seen_share"] == 1.0
 
 
@@ -139,10 +136,15 @@ def test_knapsack_gives_unknown_prompts_n_then_solves_on_their_history():
     rule.observe(batch, stand_in.sample(batch, first.sizes), stand_in.context())
 
     second = rule.allocate(batch, stand_in.context())
-    p = np.array([1.0, 0.5, 0.0, 0.25])
-    expected = knapsack_sizes(p, np.ones(4, bool), 16, default_size=4)
-    assert second.sizes.tolist() == expected.sizes.tolist()
-    assert second.sizes.sum() == 16 and second.sizes[[0, 2]].tolist() == [2, 2]
+    # p = 1, 0.5, 0, 0.25 from the 4 samples of the visit, all known. Floors: min_size 2 each
+    # (p = 1 and p = 0 too), leaving 8 of 16. Knapsack prompts b and d; costs log(.1)/log(.5)
+    # = 3.32 and log(.1)/log(.75) = 8.00 -> 3 + 8 = 11 >= 8: no excess to redistribute.
+    # Marginal values v(p, n) = (1 - p^n - q^n) p q^2, first extra v(p, 3), then
+    # c (p^(n-1) q + q^(n-1) p), c = p q^2:
+    #   b (c = .125):   .09375, .01563, .00781, .00391, ...
+    #   d (c = .1406):  .07910, .01648, .01154, .00845, .00628, .00470, ...
+    # the 8 largest: b 3 of them, d 5 -> b 2 + 3, d 2 + 5.
+    assert second.sizes.tolist() == [2, 5, 2, 7]
     assert second.metrics["knapsack_share"] == 0.5
 
 
@@ -228,6 +230,20 @@ def test_reinforce_ada_retires_prompts_and_trains_balanced_groups_on_a_global_ba
     # a: 3 of 4 right, unbiased std sqrt(3 * 1 / (4 * 3)) = 0.5; b: 1 of 2, sqrt(1 / 2); c: 0
     assert baseline.mean.tolist() == [0.75, 0.5, 0.0]
     assert baseline.std.tolist() == pytest.approx([0.5, math.sqrt(0.5), 1e-6])
+    # GRPO's advantages on that baseline: a's trained pair {1, 0} is centred on 0.75 (all 4 of
+    # its samples) and scaled by 0.5, not on the pair's own mean 0.5 and std sqrt(0.5); b's pair
+    # is all it drew, so it gets +-0.5 / sqrt(0.5); c: 0 - 0 = 0 over std eps
+    eps = 1e-6
+    b = 0.5 / (math.sqrt(0.5) + eps)
+    advantages = ALGORITHMS["grpo"].advantages(
+        torch.as_tensor(training.scores, dtype=torch.float32),
+        torch.as_tensor(training.group),
+        LossConfig(),
+        baseline,
+    )
+    assert advantages.tolist() == pytest.approx(
+        [0.25 / (0.5 + eps), b, -b, 0.0, 0.0, -0.75 / (0.5 + eps)]
+    )
 
 
 def test_grpo_advantages_take_the_rule_baseline():
@@ -241,9 +257,12 @@ def test_grpo_advantages_take_the_rule_baseline():
     assert scaled.tolist() == pytest.approx(expected)
     centred = grpo(scores, group, LossConfig(grpo_scale_by_std=False), baseline)
     assert centred.tolist() == pytest.approx([0.25, -0.75, 0.5, -0.5])
-    # without a baseline: each group's own mean and std, as before
-    assert grpo(scores, group, LossConfig()).tolist() == pytest.approx(
-        grpo(scores, group, LossConfig(), None).tolist()
+    # without a baseline: each group's own mean and std. Both groups are {1, 0}: mean 0.5,
+    # unbiased std sqrt((0.5^2 + 0.5^2) / (2 - 1)) = sqrt(0.5), so A = +-0.5 / (sqrt(0.5) + eps)
+    r = 0.5 / (math.sqrt(0.5) + eps)
+    assert grpo(scores, group, LossConfig()).tolist() == pytest.approx([r, -r, r, -r])
+    assert grpo(scores, group, LossConfig(grpo_scale_by_std=False)).tolist() == pytest.approx(
+        [0.5, -0.5, 0.5, -0.5]
     )
     assert ALGORITHMS["raft++"].advantages(scores, group, LossConfig(), baseline).tolist() == [
         1.0,

@@ -34,21 +34,40 @@ def test_allocates_in_row_order(tmp_path, capsys):
 
 
 def test_options_are_passed_through(tmp_path, capsys):
+    """Each option changes the sizes away from the default's [4, 5, 3], so one the command
+    dropped would fail its check. Weights w = G / sqrt(p + alpha / p^(beta - 1)), G = 1."""
     stats = write_stats(
         tmp_path / "s.jsonl", [{"accept_rate": p, "grad_norm": 1.0} for p in (0.5, 0.25, 0.9)]
     )
 
-    def sizes_with(*options: str) -> list[int]:
-        argv = ["allocate", "--stats", str(stats), "--budget", "12", *options, "--output", "-"]
-        assert main(argv) == 0
+    def sizes_with(*options: str, budget: int = 12) -> list[int]:
+        argv = ["allocate", "--stats", str(stats), "--budget", str(budget), *options]
+        assert main([*argv, "--output", "-"]) == 0
         return json.loads(capsys.readouterr().out)
 
+    # default: w = 1.4114, 1.9842, 1.0534 (sum 4.4490); shares of 12: 3.807, 5.352, 2.841
+    # -> floors 3, 5, 2; the remainders .841 and .807 take the last two
+    assert sizes_with() == [4, 5, 3]
+    # p = .9 dropped: 12 split 1.4114 : 1.9842 -> 4.988, 7.012 -> 5, 7
     assert sizes_with("--drop-above", "0.8") == [5, 7, 0]
     assert sizes_with("--rule", "uniform") == [4, 4, 4]
     # rule shares .3172, .4460, .2368 mixed .1 : .9 with 1/3 each -> 3.98, 4.14, 3.88 of 12
     assert sizes_with("--uniform-share", "0.9") == [4, 4, 4]
-    sizes = sizes_with("--max-size", "5")
-    assert sum(sizes) == 12 and max(sizes) <= 5
+    # a cap of 4 binds (5 > 4): 3 prompts x 4 hold exactly 12
+    assert sizes_with("--max-size", "4") == [4, 4, 4]
+    # of 13, uncapped 4.124, 5.798, 3.078 -> [4, 6, 3]; a cap of 5 keeps b at 5 and the other 8
+    # go 1.4114 : 1.0534 -> 4.581, 3.419 -> 5, 3
+    assert sizes_with(budget=13) == [4, 6, 3]
+    assert sizes_with("--max-size", "5", budget=13) == [5, 5, 3]
+    # the floor 4 lifts c (2.841) and, with the budget fixed, holds every prompt at 4
+    assert sizes_with("--min-size", "4") == [4, 4, 4]
+    # expected accepts p x share: 1.90, 1.34, 2.56; b (< 1.5) is dropped and 12 split
+    # 1.4114 : 1.0534 -> 6.871, 5.129 -> 7, 5
+    assert sizes_with("--min-expected-accepts", "1.5") == [7, 0, 5]
+    # alpha 1: w = 1/sqrt(p + 1/p) = .6325, .4851, .7052 -> 4.164, 3.194, 4.643 -> 4, 3, 5
+    assert sizes_with("--alpha", "1") == [4, 3, 5]
+    # and beta 3: w = 1/sqrt(p + 1/p^2) = .4714, .2481, .6845 -> 4.029, 2.120, 5.850 -> 4, 2, 6
+    assert sizes_with("--alpha", "1", "--beta", "3") == [4, 2, 6]
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,6 @@ def test_gpu_check_smoke_writes_its_figures(tmp_path):
     report = json.loads(output.read_text())
     norms = report["grad_norms"]
     assert norms["max_relative_difference"] < 0.02  # batched bf16 norms agree with the loop
-    assert norms["speedup"] > 0
     iteration = report["iteration"]
     assert {"time_presample", "time_sample", "time_update"} <= set(iteration["phase_seconds"])
     assert iteration["samples"] > 0 and iteration["plan_update_peak_gib"] > 0

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,20 @@ def test_an_unwritable_directory_is_refused(tmp_path, capsys):
     locked.mkdir(mode=0o500)
     assert _allocate(tmp_path, str(locked / "sizes.json")) == 2
     assert "permission denied" in capsys.readouterr().err
+
+
+def test_a_directory_the_process_may_not_write_is_refused(tmp_path, capsys, monkeypatch):
+    """The same refusal where the check runs as root (as in CI): the permission is denied by
+    a stand-in for os.access, the call the check makes."""
+    import gvmrl.io
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(gvmrl.io.os, "access", lambda path, mode: Path(path) != locked)
+    assert _allocate(tmp_path, str(locked / "sizes.json")) == 2
+    err = capsys.readouterr().err
+    assert f"permission denied: cannot write in {locked}" in err and len(err.splitlines()) == 1
+    assert not (locked / "sizes.json").exists()
 
 
 @pytest.mark.parametrize("command", ["allocate", "score", "prepare"])

@@ -67,12 +67,20 @@ def test_grpo_advantages_hand_case():
 
 
 def test_advantage_registry_by_name():
-    scores = torch.tensor([1.0, 0.0, -1.0])
+    scores = torch.tensor([2.0, 0.0, -2.0])
     group_ids = torch.tensor([0, 0, 0])
-    raft = compute_advantages("raft++", scores, group_ids)
-    torch.testing.assert_close(raft, raft_advantages(scores))
+    # raft++: max(r, 0)
     torch.testing.assert_close(
-        compute_advantages("grpo-no-std", scores, group_ids), torch.tensor([1.0, 0.0, -1.0])
+        compute_advantages("raft++", scores, group_ids), torch.tensor([2.0, 0.0, 0.0])
+    )
+    # one group, mean 0, unbiased std sqrt((4 + 0 + 4) / 2) = 2: grpo divides by 2 + eps,
+    # grpo-no-std only centres
+    r = 2.0 / (2.0 + 1e-6)
+    torch.testing.assert_close(
+        compute_advantages("grpo", scores, group_ids), torch.tensor([r, 0.0, -r])
+    )
+    torch.testing.assert_close(
+        compute_advantages("grpo-no-std", scores, group_ids), torch.tensor([2.0, 0.0, -2.0])
     )
     assert set(ADVANTAGE_ESTIMATORS) >= {"raft++", "grpo"}
     with pytest.raises(ValueError, match="known: raft\\+\\+, grpo"):

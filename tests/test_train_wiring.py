@@ -75,8 +75,20 @@ def test_overlong_error_stops_before_anything_is_written(
     assert not out.exists() or not any(out.iterdir())  # no config.yaml, no metrics
 
 
-def _update_gradient(trainer: Trainer, rollouts) -> tuple[float, dict[str, torch.Tensor]]:
-    """The M-step's loss and the gradient its one optimizer step would apply."""
+def _mixed_rollouts(trainer: Trainer, logprob_shift: float = 0.0):
+    """Iteration 1's samples, 4 per prompt, with hand-assigned rewards 0, 1, 0, 1, ...: every
+    group mixed (every sample carries a GRPO gradient; RAFT++ trains on the accepted half, A = 1),
+    their sampling log-probs moved by `logprob_shift`."""
+    prompts = trainer.stream.batch(1)
+    rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=1)
+    rollouts.scores = (np.arange(len(rollouts.samples)) % 2).astype(np.float64)
+    for s in rollouts.samples:
+        s.logprobs = [lp + logprob_shift for lp in s.logprobs]
+    return rollouts
+
+
+def _update_gradient(trainer: Trainer, rollouts) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The M-step's metrics and the gradient its one optimizer step would apply."""
     captured: dict[str, torch.Tensor] = {}
 
     def capture():  # stands in for optimizer.step
@@ -87,7 +99,7 @@ def _update_gradient(trainer: Trainer, rollouts) -> tuple[float, dict[str, torch
     trainer.optimizer.step = capture
     metrics = trainer.update(rollouts, iteration=1)
     assert metrics["optimizer_steps"] == 1 and metrics["skipped_steps"] == 0
-    return metrics["loss"], captured
+    return metrics, captured
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -107,18 +119,52 @@ def test_pi_old_recomputed_or_from_the_hf_rollout_gives_the_same_update(tmp_path
     for name, extra in settings.items():
         trainer = Trainer(load_config(None, builtin_run(*common, *extra)), tmp_path / name)
         if rollouts is None:
-            prompts = trainer.stream.batch(1)
-            rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=1)
-            # hand-assigned rewards: every group mixed, so every sample carries a gradient
-            rollouts.scores = (np.arange(len(rollouts.samples)) % 2).astype(np.float64)
+            rollouts = _mixed_rollouts(trainer)
         results[name] = _update_gradient(trainer, rollouts)
-    loss, grads = results["rollout"]
+    metrics, grads = results["rollout"]
     assert grads and any(bool(g.abs().sum() > 0) for g in grads.values())
-    for name, (other_loss, other_grads) in results.items():
-        assert other_loss == pytest.approx(loss, rel=1e-4, abs=1e-6), name
+    for name, (other_metrics, other_grads) in results.items():
+        assert other_metrics["loss"] == pytest.approx(metrics["loss"], rel=1e-4, abs=1e-6), name
         assert other_grads.keys() == grads.keys()
         for key in grads:
             torch.testing.assert_close(other_grads[key], grads[key], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_old_logprobs_rollout_takes_pi_old_from_the_samples(tmp_path):
+    """With the rollout's log-probs lowered by log 3, `loss.old_logprobs=rollout` puts every PPO
+    ratio at 3, where `recompute` ignores them and keeps it at 1.
+
+    By hand, from `gvmrl.losses.clipped_policy_loss` (RAFT++: the accepted half, A = max(r, 0)
+    = 1; clip range [0.8, 1.2]; dual-clip only acts on A < 0), token-mean aggregation:
+      rollout:   rho = exp(log pi - (log pi - log 3)) = 3; L = max(-A rho, -A clip(rho)) =
+                 max(-3, -1.2) = -1.2 on every token, so loss -1.2; the clipped branch is active
+                 on every token (clipfrac 1) and is constant in theta, so the gradient is 0;
+                 approx_kl = (rho - 1) - log rho = 2 - log 3.
+      recompute: rho = 1; L = max(-1, -1) = -1, loss -1, clipfrac 0, approx_kl 0, and the
+                 gradient of -rho is that of -log pi, not 0.
+    """
+    common = ["algorithm=raft++", "optim.grad_clip=0", "loss.aggregation=token-mean"]
+    rollouts = None
+    results = {}
+    for name in ("rollout", "recompute"):
+        config = load_config(None, builtin_run(*common, f"loss.old_logprobs={name}"))
+        trainer = Trainer(config, tmp_path / name)
+        if rollouts is None:
+            rollouts = _mixed_rollouts(trainer, logprob_shift=-float(np.log(3.0)))
+        metrics, grads = _update_gradient(trainer, rollouts)
+        assert grads, name
+        results[name] = metrics, max(float(g.abs().max()) for g in grads.values())
+    rollout, rollout_grad = results["rollout"]
+    assert rollout["loss"] == pytest.approx(-1.2, rel=1e-6)
+    assert rollout["clipfrac"] == pytest.approx(1.0)
+    assert rollout["approx_kl"] == pytest.approx(2.0 - np.log(3.0), abs=1e-4)
+    assert rollout_grad == 0.0
+    recompute, recompute_grad = results["recompute"]
+    assert recompute["loss"] == pytest.approx(-1.0, rel=1e-5)
+    assert recompute["clipfrac"] == 0.0
+    assert recompute["approx_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert recompute_grad > 0.0
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -132,11 +178,7 @@ def test_tis_weight_scales_each_tokens_loss_when_the_sampler_differs(tmp_path):
     for name, extra in {"plain": [], "tis": ["loss.tis_cap=2.0"]}.items():
         trainer = Trainer(load_config(None, builtin_run(*common, *extra)), tmp_path / name)
         if rollouts is None:
-            prompts = trainer.stream.batch(1)
-            rollouts = trainer.sample(prompts, [4] * len(prompts), iteration=1, phase=1)
-            rollouts.scores = (np.arange(len(rollouts.samples)) % 2).astype(np.float64)
-            for s in rollouts.samples:
-                s.logprobs = [lp - float(np.log(3.0)) for lp in s.logprobs]
+            rollouts = _mixed_rollouts(trainer, logprob_shift=-float(np.log(3.0)))
         trainer.optimizer.step = lambda: None
         losses[name] = trainer.update(rollouts, iteration=1)["loss"]
     assert losses["plain"] == pytest.approx(-1.0, rel=1e-5)
@@ -163,8 +205,20 @@ def test_precision_and_gradient_checkpointing_reach_the_models(tmp_path, monkeyp
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}
     assert is_gradient_checkpointing(trainer.model)
+    # (grad enabled, output dtype) of a projection in each pass: the policy's weights are fp32,
+    # so its bf16 outputs come from autocast (the reference's weights are bf16 themselves)
+    passes: dict[str, list[tuple[bool, torch.dtype]]] = {"policy": [], "reference": []}
+    for name, model in (("policy", trainer.model), ("reference", trainer.reference)):
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(
+            lambda m, i, out, seen=passes[name]: seen.append((torch.is_grad_enabled(), out.dtype))
+        )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     metrics = trainer.run()
+    update = [dtype for grad, dtype in passes["policy"] if grad]
+    no_grad = [dtype for grad, dtype in passes["policy"] if not grad]  # rollout, pi_old
+    assert update and set(update) == {torch.bfloat16}
+    assert no_grad and set(no_grad) == {torch.bfloat16}
+    assert passes["reference"] and {dtype for _, dtype in passes["reference"]} == {torch.bfloat16}
     assert metrics["optimizer_steps"] == 1 and np.isfinite(metrics["loss"])
     assert metrics["kl"] >= 0 and np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
     after = dict(trainer.model.named_parameters())

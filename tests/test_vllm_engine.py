@@ -8,6 +8,7 @@ where vllm and a GPU exist.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -142,7 +143,7 @@ def test_options_reach_llm_with_bf16_and_sleep_mode(fake_vllm, model_and_tokeniz
 def test_sleep_after_each_rollout_and_weights_reloaded_after_wake_up(
     fake_vllm, model_and_tokenizer, level
 ):
-    model, tokenizer = model_and_tokenizer
+    model, tokenizer = copy.deepcopy(model_and_tokenizer[0]), model_and_tokenizer[1]  # edited below
     engine = make_engine("vllm", model, tokenizer, model_path="/ckpt", sleep_level=level)
     (llm,) = FakeLLM.instances
     llm.calls.clear()
