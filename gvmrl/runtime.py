@@ -27,7 +27,9 @@ def resolve_device(name: str = AUTO) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device: {name!r} is not cpu, cuda, cuda:N or auto") from None
+        device = None  # not a device name torch knows
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: {name!r} is not cpu, cuda, cuda:N or auto")
     if device.type == "cuda":
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if visible == 0:
@@ -36,8 +38,6 @@ def resolve_device(name: str = AUTO) -> torch.device:
             )
         if device.index is not None and device.index >= visible:
             raise ConfigError(f"device: {name} asked for, but {visible} GPU(s) are visible")
-    elif device.type != "cpu":
-        raise ConfigError(f"device: {name!r} is not cpu, cuda, cuda:N or auto")
     return device
 
 

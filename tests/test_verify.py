@@ -76,27 +76,10 @@ def test_box_takes_priority_over_prose_fallbacks() -> None:
     assert extract_answer("The answer is 4.\n#### 5") == "5"
 
 
-# Extraction in a child process: one that stalls on these inputs fails at the timeout instead of
-# stalling the suite, and no wall time is asserted.
-_EXTRACT_SCRIPT = r"""
-import json, sys
-from gvmrl.verify import extract_answer
-responses = json.load(sys.stdin)
-json.dump([extract_answer(r) for r in responses], sys.stdout)
-"""
-
-
+@pytest.mark.timeout(120)  # an extraction that stalls on these inputs fails here, not the suite
 def test_extraction_finishes_on_pathological_input() -> None:
-    unclosed = "{" * 100_000 + "\\boxed{" * 1000
-    done = subprocess.run(
-        [sys.executable, "-c", _EXTRACT_SCRIPT],
-        input=json.dumps([NESTED_LATEX, unclosed]),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [NESTED_LATEX[len("\\boxed{") : -1], None]
+    assert extract_answer(NESTED_LATEX) == NESTED_LATEX[len("\\boxed{") : -1]
+    assert extract_answer("{" * 100_000 + "\\boxed{" * 1000) is None
 
 
 # ---------------------------------------------------------------------------------------------
