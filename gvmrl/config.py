@@ -75,7 +75,8 @@ class VLLMConfig:
     """Reuse the KV cache of a prompt across its samples."""
     enable_sleep_mode: bool = True
     """Free vLLM's GPU memory after each rollout phase and take it back before the next, so the
-    update has the GPU (vLLM sleep mode; weights are reloaded from the trainer on wake-up)."""
+    update has the GPU (vLLM sleep mode; weights are reloaded from the trainer on wake-up). On a
+    GPU only: vLLM's CPU build has no sleep mode."""
     sleep_level: int = 2
     """1: weights offloaded to CPU RAM and KV cache dropped; 2: both dropped (the weights are
     reloaded from the trainer after wake-up anyway, so level 2 saves the copy and the RAM)."""
@@ -89,7 +90,8 @@ class RolloutConfig:
     """Sampling of responses."""
 
     engine: str = "hf"
-    """Rollout engine: hf (transformers generate, CPU or GPU) or vllm (GPU, optional extra)."""
+    """Rollout engine: hf (transformers generate, CPU or GPU) or vllm (optional extra: GPU, or
+    vLLM's CPU build)."""
     temperature: float = 1.0
     """Sampling temperature for training samples and pre-samples."""
     top_p: float = 1.0
@@ -99,7 +101,8 @@ class RolloutConfig:
     batch_size: int = 512
     """Sequences per generation batch (HF engine)."""
     gpu_memory_utilization: float = 0.5
-    """Share of GPU memory vLLM may take (it shares the GPU with training)."""
+    """Share of GPU memory vLLM may take (it shares the GPU with training); with vLLM's CPU build,
+    the share of the machine's RAM for all its ranks' engines together."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -646,11 +649,12 @@ class TrainConfig:
         )
         check(isinstance(v.options, dict), "rollout.vllm.options", "must be a mapping")
         if self.rollout.engine == "vllm" and check_environment:
-            from gvmrl.rollout.vllm import check_llm_options
+            from gvmrl.rollout.vllm import check_llm_options, check_vllm_device
 
             try:
                 check_llm_options(v.options)
-            except (ImportError, ValueError) as e:
+                check_vllm_device()
+            except (ImportError, ValueError, RuntimeError) as e:
                 raise ConfigError(str(e)) from None
 
     def _check_ranges(self) -> None:

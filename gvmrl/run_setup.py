@@ -225,7 +225,7 @@ def build_engine(
     else:
         from gvmrl.rollout.vllm import engine_options
 
-        options = engine_options(config)
+        options = engine_options(config, precision)
         context = contextlib.nullcontext
     return make_engine(config.rollout.engine, model, tokenizer, **options), context
 

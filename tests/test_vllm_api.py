@@ -22,6 +22,8 @@ import pytest
 vllm = pytest.importorskip("vllm", reason="needs the vllm extra (constraints/vllm.txt)")
 
 from vllm import LLM, EngineArgs, SamplingParams  # noqa: E402
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
+from vllm.v1.worker.gpu_worker import Worker  # noqa: E402
 
 from gvmrl.rollout.vllm import MANAGED_OPTIONS, check_llm_options, llm_option_names  # noqa: E402
 
@@ -76,7 +78,13 @@ def test_sleep_wake_up_and_weight_loading_methods():
     assert _parameter_names(LLM.sleep)[:2] == ["self", "level"]
     assert _parameter_names(LLM.wake_up)[:2] == ["self", "tags"]
     assert set(SLEEP_TAGS) == {"weights", "kv_cache"}
-    assert _parameter_names(LLM.apply_model) == ["self", "func"]
+    # weights are reloaded in place through the worker method `reload_weights` (also the CPU
+    # worker's: CPUModelRunner subclasses GPUModelRunner)
+    rpc = ["self", "method", "timeout", "args", "kwargs"]
+    assert _parameter_names(LLM.collective_rpc)[:5] == rpc
+    assert callable(Worker.reload_weights)
+    reload = inspect.signature(GPUModelRunner.reload_weights).parameters
+    assert {"weights_iterator", "is_checkpoint_format"} <= set(reload)
     reset = inspect.signature(LLM.reset_prefix_cache).parameters.values()
     assert all(p.default is not p.empty for p in list(reset)[1:])  # callable with no arguments
 
@@ -143,7 +151,7 @@ def test_engine_tests_stand_in_uses_real_names():
 
     real_fields = {field.name for field in dataclasses.fields(EngineArgs)}
     assert {field.name for field in dataclasses.fields(FakeEngineArgs)} <= real_fields
-    for method in ("apply_model", "reset_prefix_cache", "sleep", "wake_up", "generate"):
+    for method in ("collective_rpc", "reset_prefix_cache", "sleep", "wake_up", "generate"):
         fake = _parameter_names(getattr(FakeLLM, method))
         assert _parameter_names(getattr(LLM, method))[: len(fake)] == fake, method
 
@@ -167,8 +175,9 @@ def test_qwen2_load_weights_takes_hugging_face_names(tied, tmp_path):
 
 
 def _load_hf_qwen2_into_vllm(directory: str, tied: bool) -> None:
-    """Build vLLM's Qwen2ForCausalLM on CPU (dummy weights), load a random HF Qwen2's state_dict
-    through `load_weights`, and compare every fused parameter with the HF tensors it stacks."""
+    """Build vLLM's Qwen2ForCausalLM on CPU with vLLM's loader (dummy weights), reload a random HF
+    Qwen2's state_dict in place as the engine does, and compare every fused parameter with the HF
+    tensors it stacks."""
     import torch
     import transformers
     import vllm.platforms
@@ -181,7 +190,8 @@ def _load_hf_qwen2_into_vllm(directory: str, tied: bool) -> None:
         set_current_vllm_config,
     )
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
     from vllm.platforms.cpu import CpuPlatform
     from vllm.utils.torch_utils import set_default_torch_dtype
 
@@ -195,6 +205,8 @@ def _load_hf_qwen2_into_vllm(directory: str, tied: bool) -> None:
     hf_model.config.save_pretrained(directory)
 
     vllm.platforms._current_platform = CpuPlatform()  # the CUDA wheel finds no device here
+    if torch.accelerator.current_accelerator() is None:  # CPU-only torch (vLLM's CPU build)
+        torch.accelerator.empty_cache = lambda: None  # the loader calls it; so does vLLM's runner
     model_config = ModelConfig(model=directory, dtype="bfloat16", skip_tokenizer_init=True)
     vllm_config = VllmConfig(
         model_config=model_config,
@@ -210,14 +222,24 @@ def _load_hf_qwen2_into_vllm(directory: str, tied: bool) -> None:
             backend="gloo",
         )
         initialize_model_parallel(1, 1)
-        model = Qwen2ForCausalLM(vllm_config=vllm_config)
+        model = get_model_loader(vllm_config.load_config).load_model(vllm_config, model_config)
+        assert type(model).__name__ == "Qwen2ForCausalLM"
         state = hf_model.state_dict()
         assert "lm_head.weight" in state  # tied or not, as VLLMEngine sends it
-        loaded = model.load_weights([(name, t.detach()) for name, t in state.items()])
+        before = {name: p.data_ptr() for name, p in model.named_parameters()}
+        # the worker's `reload_weights`, as VLLMEngine calls it through `LLM.collective_rpc`
+        reload_weights(
+            vllm_config,
+            model,
+            weights_iterator=[(name, t.detach()) for name, t in state.items()],
+            weights_path=None,
+            is_checkpoint_format=True,
+        )
 
     hf = {name: t.to(torch.bfloat16) for name, t in state.items()}
     params = dict(model.named_parameters())
-    assert loaded == set(params), set(params) ^ loaded
+    # in place: the storage vLLM's sleep mode and CUDA graphs hold on to is the one updated
+    assert {name: p.data_ptr() for name, p in params.items()} == before
     for name, param in params.items():
         if ".qkv_proj." in name:
             parts = [hf[name.replace("qkv_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]

