@@ -472,10 +472,10 @@ class Trainer:
         if loss.old_logprobs == "rollout":
             return sampler, None, {}
         old = self._logprobs(self.replica, batch, rows)
-        on_rows = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
-        on_rows[torch.as_tensor(rows, dtype=torch.long, device=self.device)] = True
-        mask = batch.response_mask.bool() & on_rows[:, None]
-        gap_sum, tokens = float((old - sampler).abs()[mask].sum()), float(mask.sum())
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        mask = batch.response_mask[index].bool()
+        gap_sum = float((old[index] - sampler[index]).abs()[mask].sum())
+        tokens = float(mask.sum())
         if self.context.grouped:
             gap_sum, tokens = sum_over_ranks([gap_sum, tokens], self.context)
         gap = {"rollout_logprob_gap": gap_sum / max(tokens, 1.0)}

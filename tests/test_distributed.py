@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -227,13 +228,17 @@ EXACT_METRICS = (
 )
 
 
-def train_command(config: str, out: Path, processes: int) -> list[str]:
+def train_command(
+    config: str | None, out: Path, processes: int, settings: Sequence[str] = TRAIN_SETTINGS
+) -> list[str]:
+    """`gvmrl train` with a preset from configs/ (or none) and `--set` settings, under torchrun
+    when `processes` > 1."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    overrides = [arg for setting in TRAIN_SETTINGS for arg in ("--set", setting)]
-    config_path = str(ROOT / "configs" / f"{config}.yaml")
-    arguments = ["--config", config_path, "--output-dir", str(out), *overrides]
+    arguments = ["--output-dir", str(out), *(arg for s in settings for arg in ("--set", s))]
+    if config is not None:
+        arguments = ["--config", str(ROOT / "configs" / f"{config}.yaml"), *arguments]
     return [*launcher, "-m", "gvmrl", "train", *arguments]
 
 

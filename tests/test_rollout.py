@@ -5,15 +5,12 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from test_distributed import metrics_rows, run_job, train_command, train_env
 
 from gvmrl.builtin.model import builtin_checkpoint, builtin_tokenizer
 from gvmrl.builtin.task import builtin_problems
@@ -425,7 +422,7 @@ def train_on_vllm(out, device: str, processes: int = 1) -> tuple[list[dict], str
     """Two GRPO iterations on the built-in model with rollout.engine=vllm, in float32, as a child
     process (vLLM's process-wide state must not leak into the test's), under torchrun when
     `processes` > 1: (the trained iterations' metrics, stderr)."""
-    overrides = [
+    settings = [
         "algorithm=grpo",
         "model=builtin",
         "train_data=builtin:train",
@@ -447,20 +444,11 @@ def train_on_vllm(out, device: str, processes: int = 1) -> tuple[list[dict], str
         "logging.progress=false",
         "logging.tensorboard=false",
     ]
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    command = [*launcher, "-m", "gvmrl", "train", "--output-dir", str(out)]
-    for override in overrides:
-        command += ["--set", override]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=900, check=False, env=env
-    )
+    env = {**train_env(), "HF_HUB_OFFLINE": "1"}
+    result = run_job(train_command(None, out, processes, settings), env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "model.safetensors").exists()
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if m.get("optimizer_steps")], result.stderr
+    return [m for m in metrics_rows(out) if m.get("optimizer_steps")], result.stderr
 
 
 @pytest.fixture(scope="module")
