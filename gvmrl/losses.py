@@ -335,8 +335,8 @@ def token_weights(response_mask: Tensor, mode: str, group_ids: Tensor | None = N
     weights_fn = _lookup(_AGGREGATION_WEIGHTS, mode, "aggregation mode")
     mask = response_mask.float()
     group_index = None
-    if group_ids is not None:
-        group_index = torch.unique(group_ids, return_inverse=True)[1]  # (N,) in 0..G-1
+    if group_ids is not None:  # on the mask's device: CUDA's index_add_ refuses a CPU index
+        group_index = torch.unique(group_ids.to(mask.device), return_inverse=True)[1]  # (N,)
     return weights_fn(mask, group_index)
 
 

@@ -20,7 +20,9 @@ checkpointing only each layer's input stays (L r h + 3 r h per token), and the b
 recomputes one layer at a time, adding one layer's full activations for the micro-batch.
 tests/test_memory.py checks the estimate against the bytes autograd saves on small Qwen2 models
 (within 30%). Transient buffers (a logits chunk, the allocator's fragmentation) are a fixed
-allowance, not a per-token figure.
+allowance, not a per-token figure. While sampling, vLLM holds its `gpu_memory_utilization`
+share; the HF engine holds the KV cache of `rollout.batch_size` sequences (exact bytes,
+tests/test_memory.py).
 """
 
 from __future__ import annotations
@@ -116,6 +118,13 @@ def layer_activation_bytes(shape: Shape, param_bytes: int, compute_bytes: int) -
     return 4 * param_bytes * h + (10 if autocast else 5) * compute_bytes * h + 4 * compute_bytes * i
 
 
+def kv_cache_bytes_per_token(shape: Shape, compute_bytes: int) -> int:
+    """Keys and values of one position over all layers, in the compute dtype (vLLM's cache, and
+    the HF engine's, which stores autocast's fp32 keys cast: gvmrl.rollout.hf)."""
+    head_dim = shape.hidden // shape.heads
+    return 2 * shape.layers * shape.kv_heads * head_dim * compute_bytes
+
+
 def activation_bytes_per_token(
     shape: Shape, param_bytes: int, compute_bytes: int, checkpointing: bool
 ) -> int:
@@ -153,6 +162,7 @@ class MemoryPlan:
     vllm_kv_cache: int
     vllm_kv_tokens: int
     vllm_during_update: int
+    hf_kv_cache: int
     activation_per_token: int
     activation_per_token_checkpointed: int
     activation_per_token_recompute: int
@@ -180,8 +190,9 @@ class MemoryPlan:
 
     @property
     def rollout_peak(self) -> int:
-        """While vLLM samples: weights and optimizer state stay, gradients were freed."""
-        return self.weights + self.optimizer + self.reference + self.vllm_awake + TRANSIENT_BYTES
+        """While the engine samples: weights and optimizer state stay, gradients were freed."""
+        engine = self.vllm_awake + self.hf_kv_cache
+        return self.weights + self.optimizer + self.reference + engine + TRANSIENT_BYTES
 
     @property
     def largest_micro_batch_tokens(self) -> int:
@@ -208,6 +219,7 @@ class MemoryPlan:
             ("  of it vLLM weights", self.vllm_weights / GIB),
             ("  of it vLLM KV cache", self.vllm_kv_cache / GIB),
             ("vLLM during the update", self.vllm_during_update / GIB),
+            ("HF engine KV cache (rollout.batch_size sequences)", self.hf_kv_cache / GIB),
             ("activations per token, no checkpointing (MiB)", self.activation_per_token / 2**20),
             (
                 "activations per token, checkpointing (MiB)",
@@ -223,11 +235,16 @@ class MemoryPlan:
         ]
 
 
+def sequence_tokens(config: TrainConfig) -> int:
+    """Planned length of the longest prompt plus response."""
+    return PROMPT_TOKENS + config.rollout.max_new_tokens
+
+
 def micro_batch_tokens(config: TrainConfig) -> int:
     """Padded tokens of the largest update micro-batch the config allows."""
     if config.update.max_tokens_per_micro_batch is not None:
         return config.update.max_tokens_per_micro_batch
-    return config.update.micro_batch_size * (PROMPT_TOKENS + config.rollout.max_new_tokens)
+    return config.update.micro_batch_size * sequence_tokens(config)
 
 
 def plan_memory(
@@ -247,9 +264,10 @@ def plan_memory(
     v = config.rollout.vllm
     vllm_awake = int(config.rollout.gpu_memory_utilization * gpu) if vllm else 0
     vllm_weights = n * c if vllm else 0
-    head_dim = shape.hidden // shape.heads
-    kv_per_token = 2 * shape.layers * shape.kv_heads * head_dim * c
+    kv_per_token = kv_cache_bytes_per_token(shape, c)
     kv_cache = max(0, vllm_awake - vllm_weights - GIB) if vllm else 0  # ~1 GiB vLLM workspace
+    # the HF engine preallocates each batch's cache for its longest prompt plus max_new_tokens
+    hf_kv_cache = 0 if vllm else config.rollout.batch_size * sequence_tokens(config) * kv_per_token
     if not vllm:
         during_update = 0
     elif v.enable_sleep_mode:
@@ -273,6 +291,7 @@ def plan_memory(
         vllm_kv_cache=kv_cache,
         vllm_kv_tokens=kv_cache // kv_per_token if vllm else 0,
         vllm_during_update=during_update,
+        hf_kv_cache=hf_kv_cache,
         activation_per_token=activation_bytes_per_token(shape, p, c, checkpointing=False),
         activation_per_token_checkpointed=per_token_ckpt,
         activation_per_token_recompute=layer_activation_bytes(shape, p, c),
@@ -293,6 +312,15 @@ def plan_fits(config: TrainConfig, gpu_memory_gib: float | None = None) -> Memor
             return None
         gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
     plan = plan_memory(config, gpu_memory_gib)
+    if plan.rollout_peak > plan.gpu_bytes and config.rollout.engine == "hf":
+        trainer = (plan.rollout_peak - plan.hf_kv_cache) / GIB
+        raise ConfigError(
+            f"rollout.batch_size: the HF engine's KV cache for {config.rollout.batch_size} "
+            f"sequences of up to {sequence_tokens(config)} tokens "
+            f"({plan.hf_kv_cache / GIB:.1f} GiB) plus the trainer's weights and optimizer state "
+            f"({trainer:.1f} GiB) exceed the GPU's {gpu_memory_gib:.0f} GiB; lower it "
+            "(see `gvmrl plan`)"
+        )
     if plan.rollout_peak > plan.gpu_bytes:
         trainer = (plan.rollout_peak - plan.vllm_awake) / GIB
         raise ConfigError(

@@ -23,12 +23,14 @@
     practice).
 
 Writes one JSON of figures, rewritten after each part (a part that fails records its error and
-the others still run; exit status 1), and prints it.
+the others still run; exit status 1), and prints it. Without --smoke on a machine where torch
+sees no GPU it stops at once (exit status 2) rather than run the full sizes on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -91,7 +93,7 @@ def check_grad_norms(sizes: dict[str, int], smoke: bool, device: torch.device) -
     responses = torch.randint(1, vocab, (sizes["responses"], sizes["response_tokens"]), generator=g)
     batch = pack_sequences(prompts.tolist(), responses.tolist(), pad_id=0).to(device)
     args = (model, batch.input_ids, batch.attention_mask, batch.response_mask, "embed_tokens")
-    per_sample_grad_norms(*args, micro_batch_size=1)  # warm-up (kernels, allocator)
+    per_sample_grad_norms(*args)  # warm-up: the timed call's kernels and allocator blocks
     synchronize(device)
     start = time.perf_counter()
     batched = per_sample_grad_norms(*args).float().cpu()
@@ -150,7 +152,7 @@ def check_iteration(sizes: dict[str, int], smoke: bool, device: torch.device) ->
         f"device={device.type}",
         "dtype=float32",
         "compute_dtype=auto",
-        f"gradient_checkpointing={'false' if smoke else 'true'}",
+        "gradient_checkpointing=true",
         "update.minibatch_size=16",
         "update.max_tokens_per_micro_batch=16384",
         "optim.lr=1e-6",
@@ -161,6 +163,7 @@ def check_iteration(sizes: dict[str, int], smoke: bool, device: torch.device) ->
     ]
     run_config = load_config(None, overrides)
     if device.type == "cuda":
+        gc.collect()  # the earlier parts' tensors must not count in this part's peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -179,6 +182,7 @@ def check_iteration(sizes: dict[str, int], smoke: bool, device: torch.device) ->
         "response_tokens_mean": metrics.get("response_tokens_mean"),
         "peak_allocated_gib": peak,
         "plan_update_peak_gib": plan.update_peak / 2**30,
+        "plan_rollout_peak_gib": plan.rollout_peak / 2**30,
         "plan": plan_dict(plan),
         "overrides": overrides,
     }
@@ -202,6 +206,7 @@ def check_master_weights(smoke: bool, device: torch.device) -> dict[str, Any]:
     return out
 
 
+JOB_TIMEOUT_S = 150  # each run takes well under a minute; a hang must leave time for (b)
 JOB_SETTINGS = (
     "iterations=2",
     "prompts_per_iteration=8",
@@ -237,7 +242,13 @@ def check_job(device: torch.device) -> dict[str, Any]:
                 *(arg for setting in settings for arg in ("--set", setting)),
             ]  # fmt: skip
             start = time.perf_counter()
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            try:
+                result = subprocess.run(
+                    command, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+                )
+            except subprocess.TimeoutExpired as e:  # a hung collective: keep the other run
+                out[name] = {"returncode": None, "error": f"no exit within {e.timeout:.0f} s"}
+                continue
             out[name] = {"returncode": result.returncode, "seconds": time.perf_counter() - start}
             if result.returncode != 0:
                 out[name]["stderr_tail"] = result.stderr[-3000:]
@@ -248,7 +259,10 @@ def check_job(device: torch.device) -> dict[str, Any]:
                 tokens_generated=[r["tokens_generated"] for r in rows if "samples" in r],
                 phase_seconds={k: v for k, v in rows[-1].items() if k.startswith("time_")},
             )
-        if all(out[name]["returncode"] == 0 for name in launchers):
+        failed = [name for name in launchers if out[name]["returncode"] != 0]
+        if failed:
+            out["error"] = f"did not exit 0: {', '.join(failed)}"
+        else:
             plain, job = (load_file(work / n / "final" / "model.safetensors") for n in launchers)
             out["final_weights_max_abs_difference"] = max(
                 (plain[k].float() - job[k].float()).abs().max().item() for k in plain
@@ -267,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, in seconds")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if not args.smoke and not torch.cuda.is_available():  # full sizes on a CPU take hours
+        print(
+            f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; "
+            "use --smoke for the CPU rehearsal",
+            file=sys.stderr,
+        )
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
     sizes = SMOKE if args.smoke else FULL
     skip = set(filter(None, args.skip.split(",")))
     report: dict[str, Any] = {
@@ -293,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             report[key] = check()
         except Exception as e:  # a failed part must not lose the others' figures
             report[key] = {"error": f"{type(e).__name__}: {e}"}
-            failed = True
             traceback.print_exc()
+        failed = failed or "error" in report[key]
         report["total_seconds"] = time.perf_counter() - started
         write_json(args.output, report)
     print(json.dumps(report, indent=2))

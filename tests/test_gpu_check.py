@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +41,19 @@ def test_gpu_check_smoke_writes_its_figures(tmp_path):
     job = report["job"]  # on CPU (gloo, fp32) the one-process job trains exactly as plain
     assert job["plain"]["world_size"] == job["torchrun"]["world_size"] == 1
     assert job["same_tokens_generated"] and job["final_weights_max_abs_difference"] < 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the full check")
+def test_gpu_check_without_a_gpu_stops_at_once(tmp_path):
+    """The full sizes on a CPU would take hours: one line and exit status 2 instead."""
+    output = tmp_path / "check.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "sees no GPU" in result.stderr and "--smoke" in result.stderr
+    assert not output.exists()

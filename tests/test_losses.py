@@ -298,6 +298,17 @@ def test_micro_batches_reproduce_mini_batch_loss_and_gradient(mode):
     torch.testing.assert_close(params.grad, full_grad)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+def test_weights_of_a_gpu_mask_take_group_ids_from_the_cpu(mode):
+    """The trainer keeps group ids on the CPU beside a GPU batch; CUDA kernels, unlike CPU ones,
+    refuse an index on another device."""
+    per_token, mask, group_ids = _random_batch(4)
+    weights = token_weights(mask.cuda(), mode, group_ids)
+    assert weights.device.type == "cuda"
+    torch.testing.assert_close(weights.cpu(), token_weights(mask, mode, group_ids))
+
+
 def test_aggregation_edge_cases():
     per_token = torch.tensor([[2.0, float("nan")]])
     mask = torch.tensor([[1, 0]])

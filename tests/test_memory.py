@@ -17,6 +17,7 @@ from gvmrl.memory import (
     Shape,
     activation_bytes_per_token,
     count_parameters,
+    kv_cache_bytes_per_token,
     load_model_config,
     plan_fits,
     plan_memory,
@@ -92,6 +93,41 @@ def test_activation_estimate_within_30_percent_of_measured(
     assert abs(estimate - measured) <= 0.3 * measured, (estimate, measured)
 
 
+def test_hf_engine_kv_cache_is_what_the_plan_counts(monkeypatch):
+    """The bytes of the HF engine's cache buffers for R sequences against R x (longest prompt +
+    max_new_tokens) x the plan's bytes per token, fp32 weights under bf16 autocast (the GPU
+    default, where RoPE hands back fp32 keys)."""
+    from gvmrl.builtin.model import builtin_tokenizer
+    from gvmrl.rollout import hf
+    from gvmrl.rollout.base import SamplingParams
+
+    tokenizer = builtin_tokenizer()
+    config = Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    largest: dict[int, int] = {}  # layer -> most bytes its buffers held
+    select = hf._PreallocatedLayer.batch_select_indices
+
+    def spy(layer, indices):
+        select(layer, indices)
+        held = layer._key_buffer.nbytes + layer._value_buffer.nbytes
+        largest[id(layer)] = max(largest.get(id(layer), 0), held)
+
+    monkeypatch.setattr(hf._PreallocatedLayer, "batch_select_indices", spy)
+    prompts, samples, new_tokens = ["12+345=", "6*7="], [3, 2], 20
+    engine = hf.HFEngine(model, tokenizer, max_batch_sequences=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.generate(prompts, samples, SamplingParams(max_new_tokens=new_tokens, seed=0))
+    longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+    per_token = kv_cache_bytes_per_token(Shape.of(config), compute_bytes=2)
+    assert len(largest) == config.num_hidden_layers
+    assert sum(largest.values()) == sum(samples) * (longest + new_tokens) * per_token
+
+
 def test_preset_fits_one_h200_and_checkpointing_is_what_makes_the_micro_batch_fit():
     config = load_config(PRESET, check_environment=False)
     plan = plan_fits(config, 141)
@@ -131,6 +167,24 @@ def test_seven_b_without_sleep_mode_does_not_fit():
     )
     with pytest.raises(ConfigError):
         plan_fits(config, 141)
+
+
+def test_hf_engine_batch_whose_cache_cannot_fit_names_rollout_batch_size():
+    """HF engine, 2,048-token responses: 64 sequences' cache is 4.4 GiB; 2,048 sequences' is
+    140 GiB, beyond an H200 next to the trainer's 20 GiB."""
+
+    def hf_config(batch_size: int):
+        settings = ["rollout.engine=hf", "rollout.max_new_tokens=2048"]
+        settings.append(f"rollout.batch_size={batch_size}")
+        return load_config(PRESET, settings, check_environment=False)
+
+    plan = plan_fits(hf_config(64), 141)
+    # 28 layers x (key + value) x 2 KV heads x 128 dims x 2 bytes per token, prompt planned 512
+    assert plan is not None and plan.hf_kv_cache == 64 * (512 + 2048) * 28 * 2 * 2 * 128 * 2
+    trainer = plan.weights + plan.optimizer + plan.reference
+    assert plan.rollout_peak == trainer + plan.hf_kv_cache + 2 * 2**30  # and the allowance
+    with pytest.raises(ConfigError, match=r"^rollout\.batch_size: the HF engine's KV cache"):
+        plan_fits(hf_config(2048), 141)
 
 
 def test_plan_command_prints_and_exits_2_when_it_cannot_fit(capsys, tmp_path):

@@ -159,6 +159,34 @@ def test_seed_makes_sampling_reproducible(model, tokenizer):
     assert [s.response_ids for s in first] != [s.response_ids for s in other]
 
 
+def test_autocast_cache_of_cast_keys_samples_what_full_precision_keys_sample(
+    model, tokenizer, monkeypatch
+):
+    """Under bf16 autocast with fp32 weights the engine stores RoPE's fp32 keys in bf16; attention
+    casts them so anyway, so samples and log-probs are bit-identical to an fp32 key cache."""
+    import gvmrl.rollout.hf as hf
+
+    def sample():
+        engine = make_engine("hf", model, tokenizer, max_batch_sequences=3)
+        params = SamplingParams(max_new_tokens=24, seed=5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            samples = engine.generate(PROMPTS, [2, 1, 2, 2], params)
+        return [(s.response_ids, s.logprobs) for s in samples]
+
+    cast = sample()
+    initialise = hf._PreallocatedLayer.lazy_initialization
+    key_dtypes = set()
+
+    def full_precision_keys(layer, key_states, value_states):
+        initialise(layer, key_states, value_states)
+        layer._key_buffer = layer._key_buffer.to(key_states.dtype)
+        key_dtypes.add(key_states.dtype)
+
+    monkeypatch.setattr(hf._PreallocatedLayer, "lazy_initialization", full_precision_keys)
+    assert sample() == cast
+    assert key_dtypes == {torch.float32}  # what RoPE handed back, kept whole this time
+
+
 def test_a_samples_tokens_do_not_depend_on_the_batch_plan(model, tokenizer):
     # Each sample draws from its own seed, so batching one sequence at a time or three, asking
     # prompt by prompt, or asking for a subset of the samples alone gives the same samples.

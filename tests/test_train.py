@@ -261,6 +261,19 @@ def test_grpo_reports_the_share_of_samples_without_advantage(
     assert share == pytest.approx(flat / len(group))
 
 
+def _update_gradient(trainer: Trainer, rollouts: Rollouts) -> dict[str, torch.Tensor]:
+    """The gradient of an update of one optimizer step, taken where the step would apply it."""
+    captured = {}
+
+    def capture():  # stands in for optimizer.step
+        named = trainer.model.named_parameters()
+        captured.update({n: p.grad.cpu().clone() for n, p in named if p.grad is not None})
+
+    trainer.optimizer.step = capture
+    assert trainer.update(rollouts, iteration=1)["optimizer_steps"] == 1
+    return captured
+
+
 @pytest.mark.parametrize("algorithm", ["raft", "raft++", "grpo"])
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_micro_batching_does_not_change_the_update(
@@ -279,19 +292,40 @@ def test_micro_batching_does_not_change_the_update(
             "eval_data=null",
         )
         trainer = Trainer(config, tmp_path / f"micro{micro}")
-        captured = {}
-
-        def capture(captured=captured, model=trainer.model):  # stands in for optimizer.step
-            captured.update(
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            )
-
-        trainer.optimizer.step = capture
-        assert trainer.update(_rollouts(trainer), iteration=1)["optimizer_steps"] == 1
-        grads.append(captured)
+        grads.append(_update_gradient(trainer, _rollouts(trainer)))
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("algorithm", ["raft++", "grpo"])
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_an_update_on_the_gpu_takes_the_cpu_gradient(
+    tmp_path, warm_checkpoint, easy_prompts, algorithm
+):
+    """The same rollouts trained on in float32 on the CPU and on CUDA: every tensor of the
+    update (advantages, token weights, pi_old, the KL reference, micro-batches) on one device."""
+    grads, rollouts = [], None
+    for device in ("cpu", "cuda"):
+        config = small_config(
+            warm_checkpoint,
+            easy_prompts,
+            f"algorithm={algorithm}",
+            f"device={device}",
+            "compute_dtype=float32",
+            "loss.kl_coef=0.01",
+            "update.minibatch_size=8",
+            "update.micro_batch_size=3",
+            "optim.grad_clip=0",
+            "eval_data=null",
+        )
+        trainer = Trainer(config, tmp_path / device)
+        rollouts = rollouts or _rollouts(trainer)
+        grads.append(_update_gradient(trainer, rollouts))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)
 
 
 def test_raft_trains_only_on_accepted_samples(tmp_path, warm_checkpoint, easy_prompts):

@@ -339,9 +339,12 @@ class _PreallocatedLayer(DynamicLayer):
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        # Keys are stored in the values' dtype. Under autocast with fp32 weights RoPE hands back
+        # fp32 keys (its cos/sin follow the fp32 residual stream), which attention casts to the
+        # compute dtype anyway: storing them cast gives the same numbers in a third less cache.
+        self.dtype, self.device = value_states.dtype, value_states.device
         B, H, _, D = key_states.shape  # batch, kv heads, new positions, head dim
-        self._key_buffer = key_states.new_zeros((B, H, self.capacity, D))
+        self._key_buffer = value_states.new_zeros((B, H, self.capacity, D))
         self._value_buffer = value_states.new_zeros((B, H, self.capacity, value_states.shape[-1]))
         self.is_initialized = True
 
