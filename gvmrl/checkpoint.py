@@ -221,7 +221,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # the GPUs both runs see: a run resumed with fewer visible GPUs restores theirs only
+        for index, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
     n = rng["numpy"]
     np.random.set_state(
         (

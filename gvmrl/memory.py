@@ -310,7 +310,8 @@ def plan_fits(config: TrainConfig, gpu_memory_gib: float | None = None) -> Memor
 
         if config.device == "cpu" or not torch.cuda.is_available():
             return None
-        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+        gpu = torch.device(config.device) if config.device.startswith("cuda:") else None
+        gpu_memory_gib = torch.cuda.get_device_properties(gpu).total_memory / GIB  # None: current
     plan = plan_memory(config, gpu_memory_gib)
     if plan.rollout_peak > plan.gpu_bytes and config.rollout.engine == "hf":
         trainer = (plan.rollout_peak - plan.hf_kv_cache) / GIB

@@ -1,11 +1,35 @@
-"""Fixtures shared across test files: small real checkpoints built here, never downloaded."""
+"""Fixtures shared across test files: small real checkpoints built here, never downloaded.
+
+`pytest` is the CPU suite on any machine: GPUs are hidden, so a config's `device: auto` and
+every torchrun job the tests launch stay on the CPU, where their figures were derived.
+`pytest --gpu` runs only the tests marked `gpu` (CUDA against the CPU, the real vLLM engine),
+with the GPUs visible."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--gpu", action="store_true", help="run only the tests marked gpu, with the GPUs visible"
+    )
+
+
+def pytest_configure(config):
+    if not config.getoption("--gpu"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        others = [item for item in items if "gpu" not in item.keywords]
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if "gpu" in item.keywords]
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,20 @@ def test_round_trip_restores_optimizer_and_every_rng(tmp_path, parts):
     torch.load(path / TRAINER_STATE_FILE, weights_only=True)
 
 
+def test_a_run_saved_with_two_gpus_resumes_with_one(tmp_path, parts, monkeypatch):
+    """The CUDA generators of the GPUs both runs see come back; the saved second one is left."""
+    states = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 8, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    path = save(tmp_path, parts, 1)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append((i, state)))
+    _, _, optimizer, scheduler = parts
+    assert load_trainer_state(path, optimizer, scheduler)["iteration"] == 1
+    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], states[0])
+
+
 def test_non_finite_weights_are_never_saved_and_the_last_checkpoint_stays(tmp_path, parts):
     path = save(tmp_path, parts, 1)
     before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}

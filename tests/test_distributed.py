@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gvmrl.batching import pack_sequences, token_logprobs
+from gvmrl.config import ConfigError
 from gvmrl.distributed.checkpoint import load_sharded_checkpoint
 from gvmrl.distributed.context import init_process_context, launch_environment
 from gvmrl.distributed.reduction import (
@@ -363,6 +364,17 @@ def test_launch_environment():
         launch_environment({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="inconsistent"):
         launch_environment({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_more_ranks_on_a_node_than_gpus_is_a_config_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU node: the second rank names the cause before
+    it touches CUDA or the process group."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device called"))
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    with pytest.raises(ConfigError, match=r"^device: the rank of LOCAL_RANK 1 needs GPU 1, but 1"):
+        init_process_context("cuda", environ=environ)
 
 
 def test_stray_launch_variable_is_one_line_user_error(monkeypatch, capsys, tmp_path):

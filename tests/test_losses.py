@@ -298,7 +298,8 @@ def test_micro_batches_reproduce_mini_batch_loss_and_gradient(mode):
     torch.testing.assert_close(params.grad, full_grad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pytest --gpu")
 @pytest.mark.parametrize("mode", AGGREGATION_MODES)
 def test_weights_of_a_gpu_mask_take_group_ids_from_the_cpu(mode):
     """The trainer keeps group ids on the CPU beside a GPU batch; CUDA kernels, unlike CPU ones,

@@ -197,6 +197,23 @@ def test_plan_command_prints_and_exits_2_when_it_cannot_fit(capsys, tmp_path):
     assert "gvmrl plan:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device,asked", [("cuda", None), ("cuda:1", torch.device("cuda:1"))])
+def test_the_plan_reads_the_memory_of_the_gpu_the_run_uses(monkeypatch, device, asked):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    seen = []
+
+    def properties(gpu=None):
+        seen.append(gpu)
+        return SimpleNamespace(total_memory=141 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    config = load_config(PRESET, [f"device={device}", "rollout.engine=hf"], check_environment=False)
+    assert plan_fits(config).gpu_bytes == 141 * 2**30 and seen == [asked]
+
+
 def test_cpu_runs_are_not_planned():
     assert plan_fits(load_config(None, ["device=cpu"])) is None
 

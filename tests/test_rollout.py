@@ -409,10 +409,11 @@ def vllm_device() -> str:
     if current_platform.is_cpu():
         return "cpu"
     if not (current_platform.is_cuda() and torch.cuda.is_available()):
-        pytest.skip("vLLM's CUDA build needs a GPU")
+        pytest.skip("vLLM's CUDA build needs a GPU: pytest --gpu")
     return "cuda"
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_vllm_engine_matches_interface_and_syncs_weights(tmp_path, tokenizer, vllm_device):
     # two heads of 32: vLLM's CPU attention has no kernel for head size 16
@@ -484,6 +485,7 @@ def one_process_on_vllm(tmp_path_factory, vllm_device) -> list[dict]:
     return train_on_vllm(tmp_path_factory.mktemp("vllm-run") / "run", vllm_device)[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_training_on_vllm_samples_from_the_policy_each_update_leaves(one_process_on_vllm):
     """The second iteration samples from the weights the first update left: pi_old is
@@ -497,6 +499,7 @@ def test_training_on_vllm_samples_from_the_policy_each_update_leaves(one_process
         assert m["rollout_logprob_gap"] < 1e-4, m["iteration"]
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_a_torchrun_job_on_vllm_trains_as_one_process(tmp_path, vllm_device, one_process_on_vllm):
     """Two ranks, each with its own engine (vLLM's external launcher, inside the job's process

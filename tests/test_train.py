@@ -298,7 +298,8 @@ def test_micro_batching_does_not_change_the_update(
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pytest --gpu")
 @pytest.mark.parametrize("algorithm", ["raft++", "grpo"])
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_an_update_on_the_gpu_takes_the_cpu_gradient(

@@ -123,6 +123,12 @@ def init_process_context(
     rank, world, local = launch or (0, 1, 0)
     target = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
+        visible = torch.cuda.device_count()
+        if local >= visible:
+            raise ConfigError(
+                f"device: the rank of LOCAL_RANK {local} needs GPU {local}, but {visible} GPU(s) "
+                "are visible; launch at most that many processes per node (--nproc-per-node)"
+            )
         torch.cuda.set_device(target)
     if launch is None:
         return ProcessContext(rank, world, local, target, None)
