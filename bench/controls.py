@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from gvmrl.analysis import eval_curve, load_run
+from gvmrl.builtin.task import builtin_problems
 from gvmrl.config import load_config
 from gvmrl.data import format_prompt
 from gvmrl.io import json_ready, write_json
 from gvmrl.progress import format_table
-from gvmrl.rollout import Sample
-from gvmrl.builtin.task import builtin_problems
 from gvmrl.records import Rollouts
+from gvmrl.rollout import Sample
 from gvmrl.train import Trainer
 
 from common import QUIET

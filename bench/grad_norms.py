@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from gvmrl.estimation import per_sample_grad_norms
 from gvmrl.io import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)

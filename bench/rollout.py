@@ -29,12 +29,12 @@ import time
 
 import torch
 
+from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
+from gvmrl.builtin.task import builtin_split
 from gvmrl.data import format_prompt
 from gvmrl.io import write_json
-from gvmrl.builtin.model import builtin_model_config, builtin_tokenizer
 from gvmrl.models import load_model_and_tokenizer
 from gvmrl.rollout import SamplingParams, make_engine
-from gvmrl.builtin.task import builtin_split
 
 
 def load(model_name: str):

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 from gvmrl.data import format_prompt
 from gvmrl.distributed.dealing import sample_indices, sample_seeds
-from gvmrl.records import PromptRecord
 from gvmrl.progress import Progress
+from gvmrl.records import PromptRecord
 from gvmrl.rollout.base import RolloutEngine, Sample, SamplingParams
 
 # Sequences per engine call when the caller does not choose: one CPU-sized batch, and a

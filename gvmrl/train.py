@@ -33,8 +33,8 @@ import gc
 import math
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gvmrl.allocators import measured_subset
 from gvmrl.cli import main
 from gvmrl.config import load_config
 from gvmrl.estimation import sequence_grad_norms
-from gvmrl.tracking import read_metrics
-from gvmrl.allocators import measured_subset
 from gvmrl.records import Rollouts
+from gvmrl.tracking import read_metrics
 from gvmrl.train import Trainer, minibatch_rows
 
 PROMPTS = 8

@@ -234,7 +234,8 @@ def test_precision_and_gradient_checkpointing_reach_the_models(tmp_path, monkeyp
     assert trainer.model.model.embed_tokens.weight.grad is None  # freed after the step
 
 
-def test_the_vllm_section_reaches_the_engine(tmp_path, fake_vllm):
+@pytest.mark.usefixtures("fake_vllm")
+def test_the_vllm_section_reaches_the_engine(tmp_path):
     """`rollout.vllm` and the compute dtype are what the trainer builds vLLM with (a stand-in
     `vllm` module records the call; tests/test_vllm_engine.py)."""
     config = load_config(

@@ -128,10 +128,10 @@ def _instruction(args: argparse.Namespace, model) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gvmrl.builtin.model import BUILTIN
     from gvmrl.data import load_prompts
     from gvmrl.evaluation import evaluate
     from gvmrl.io import check_output_path, write_json, write_jsonl
-    from gvmrl.builtin.model import BUILTIN
     from gvmrl.models import load_model_and_tokenizer
     from gvmrl.progress import format_table
     from gvmrl.prompt_length import context_length, fit_to_context

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gvmrl.io import InputError
     from gvmrl.builtin.pretrain import DEFAULT_STEPS, MIN_LR_RATIO, pretrain
+    from gvmrl.io import InputError
 
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     for flag, value in (("--steps", steps), ("--batch-size", args.batch_size)):

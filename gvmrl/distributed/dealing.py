@@ -13,6 +13,7 @@ import heapq
 
 import numpy as np
 
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser (Steele et al. 2014): a bijective 64-bit mix, wrapping uint64."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
