@@ -313,21 +313,20 @@ def plan_fits(config: TrainConfig, gpu_memory_gib: float | None = None) -> Memor
         gpu = torch.device(config.device) if config.device.startswith("cuda:") else None
         gpu_memory_gib = torch.cuda.get_device_properties(gpu).total_memory / GIB  # None: current
     plan = plan_memory(config, gpu_memory_gib)
-    if plan.rollout_peak > plan.gpu_bytes and config.rollout.engine == "hf":
-        trainer = (plan.rollout_peak - plan.hf_kv_cache) / GIB
-        raise ConfigError(
-            f"rollout.batch_size: the HF engine's KV cache for {config.rollout.batch_size} "
-            f"sequences of up to {sequence_tokens(config)} tokens "
-            f"({plan.hf_kv_cache / GIB:.1f} GiB) plus the trainer's weights and optimizer state "
-            f"({trainer:.1f} GiB) exceed the GPU's {gpu_memory_gib:.0f} GiB; lower it "
-            "(see `gvmrl plan`)"
-        )
     if plan.rollout_peak > plan.gpu_bytes:
-        trainer = (plan.rollout_peak - plan.vllm_awake) / GIB
+        engine = plan.vllm_awake + plan.hf_kv_cache  # one of the two is 0
+        if config.rollout.engine == "hf":
+            key = "rollout.batch_size"
+            what = (
+                f"the HF engine's KV cache for {config.rollout.batch_size} sequences of up to "
+                f"{sequence_tokens(config)} tokens ({engine / GIB:.1f} GiB)"
+            )
+        else:
+            key, what = "rollout.gpu_memory_utilization", f"vLLM's {engine / GIB:.1f} GiB"
+        trainer = (plan.rollout_peak - engine) / GIB
         raise ConfigError(
-            f"rollout.gpu_memory_utilization: vLLM's {plan.vllm_awake / GIB:.1f} GiB plus the "
-            f"trainer's weights and optimizer state ({trainer:.1f} GiB) exceed the GPU's "
-            f"{gpu_memory_gib:.0f} GiB; lower it (see `gvmrl plan`)"
+            f"{key}: {what} plus the trainer's weights and optimizer state ({trainer:.1f} GiB) "
+            f"exceed the GPU's {gpu_memory_gib:.0f} GiB; lower it (see `gvmrl plan`)"
         )
     if plan.update_peak > plan.gpu_bytes:
         largest = plan.largest_micro_batch_tokens

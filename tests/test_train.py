@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_wiring import update_gradient
 
 from gvmrl.allocators import measured_subset
 from gvmrl.cli import main
@@ -261,19 +262,6 @@ def test_grpo_reports_the_share_of_samples_without_advantage(
     assert share == pytest.approx(flat / len(group))
 
 
-def _update_gradient(trainer: Trainer, rollouts: Rollouts) -> dict[str, torch.Tensor]:
-    """The gradient of an update of one optimizer step, taken where the step would apply it."""
-    captured = {}
-
-    def capture():  # stands in for optimizer.step
-        named = trainer.model.named_parameters()
-        captured.update({n: p.grad.cpu().clone() for n, p in named if p.grad is not None})
-
-    trainer.optimizer.step = capture
-    assert trainer.update(rollouts, iteration=1)["optimizer_steps"] == 1
-    return captured
-
-
 @pytest.mark.parametrize("algorithm", ["raft", "raft++", "grpo"])
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_micro_batching_does_not_change_the_update(
@@ -292,7 +280,7 @@ def test_micro_batching_does_not_change_the_update(
             "eval_data=null",
         )
         trainer = Trainer(config, tmp_path / f"micro{micro}")
-        grads.append(_update_gradient(trainer, _rollouts(trainer)))
+        grads.append(update_gradient(trainer, _rollouts(trainer))[1])
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
@@ -323,7 +311,7 @@ def test_an_update_on_the_gpu_takes_the_cpu_gradient(
         )
         trainer = Trainer(config, tmp_path / device)
         rollouts = rollouts or _rollouts(trainer)
-        grads.append(_update_gradient(trainer, rollouts))
+        grads.append(update_gradient(trainer, rollouts)[1])
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)

@@ -87,14 +87,13 @@ def _mixed_rollouts(trainer: Trainer, logprob_shift: float = 0.0):
     return rollouts
 
 
-def _update_gradient(trainer: Trainer, rollouts) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The M-step's metrics and the gradient its one optimizer step would apply."""
+def update_gradient(trainer: Trainer, rollouts) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The M-step's metrics and the gradient its one optimizer step would apply (on the CPU)."""
     captured: dict[str, torch.Tensor] = {}
 
     def capture():  # stands in for optimizer.step
-        captured.update(
-            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        )
+        named = trainer.model.named_parameters()
+        captured.update({n: p.grad.cpu().clone() for n, p in named if p.grad is not None})
 
     trainer.optimizer.step = capture
     metrics = trainer.update(rollouts, iteration=1)
@@ -121,7 +120,7 @@ def test_pi_old_recomputed_or_from_the_hf_rollout_gives_the_same_update(tmp_path
         trainer = Trainer(load_config(None, builtin_run(*common, *extra)), tmp_path / name)
         if rollouts is None:
             rollouts = _mixed_rollouts(trainer)
-        results[name] = _update_gradient(trainer, rollouts)
+        results[name] = update_gradient(trainer, rollouts)
     metrics, grads = results["rollout"]
     assert grads and any(bool(g.abs().sum() > 0) for g in grads.values())
     for name in ("recompute", "recompute-by-tokens", "recompute-tis"):  # the same weights
@@ -155,7 +154,7 @@ def test_old_logprobs_rollout_takes_pi_old_from_the_samples(tmp_path):
         trainer = Trainer(config, tmp_path / name)
         if rollouts is None:
             rollouts = _mixed_rollouts(trainer, logprob_shift=-float(np.log(3.0)))
-        metrics, grads = _update_gradient(trainer, rollouts)
+        metrics, grads = update_gradient(trainer, rollouts)
         assert grads, name
         results[name] = metrics, max(float(g.abs().max()) for g in grads.values())
     rollout, rollout_grad = results["rollout"]
